@@ -1,0 +1,128 @@
+"""Pre-LayerNorm transformer block in Flax NNX. Twin of torch_impl/block.py: same classes, same
+attribute names in the same order; read the two side by side.
+
+Shapes: B batch, T sequence, C d_model, nh heads, hs head size (C = nh * hs), H hidden (4 * C).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from twin_common import BlockConfig, check_block_input
+
+INTERMEDIATES = ("ln_1", "attn", "resid_1", "ln_2", "mlp", "out")  # in the order they are computed
+
+
+def dtype_name(dtype) -> str:
+    return jnp.dtype(dtype).name
+
+
+def linear(d_in: int, d_out: int, cfg: BlockConfig, *, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """nnx.Linear with the project's init pinned: normal(0, init_std) kernel, zero bias.
+
+    Flax's default is lecun-normal kernel and zero bias; torch's is kaiming-uniform for weight *and*
+    bias. Neither is used. The kernel is stored (in, out); torch stores its weight (out, in).
+    """
+    return nnx.Linear(
+        d_in, d_out,
+        use_bias=cfg.bias,
+        kernel_init=nnx.initializers.normal(stddev=cfg.init_std),
+        bias_init=nnx.initializers.zeros_init(),
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+def layer_norm(cfg: BlockConfig, *, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """nnx.LayerNorm with eps pinned (Flax 1e-6, torch 1e-5 by default) and the two-pass variance
+    E[(x - mean)^2] that torch computes (Flax's default fast variance is E[x^2] - E[x]^2)."""
+    return nnx.LayerNorm(
+        cfg.d_model,
+        epsilon=cfg.ln_eps,
+        use_fast_variance=False,
+        use_bias=cfg.bias,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, cfg: BlockConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.q_proj = linear(cfg.d_model, cfg.d_model, cfg, param_dtype=param_dtype, rngs=rngs)
+        self.k_proj = linear(cfg.d_model, cfg.d_model, cfg, param_dtype=param_dtype, rngs=rngs)
+        self.v_proj = linear(cfg.d_model, cfg.d_model, cfg, param_dtype=param_dtype, rngs=rngs)
+        self.out_proj = linear(cfg.d_model, cfg.d_model, cfg, param_dtype=param_dtype, rngs=rngs)
+        self.attn_dropout = nnx.Dropout(cfg.attn_dropout, rngs=rngs)
+        self.resid_dropout = nnx.Dropout(cfg.resid_dropout, rngs=rngs)
+        self.scale = 1.0 / math.sqrt(cfg.d_head)  # pinned, not left to the library's default
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, T, C = x.shape
+        nh, hs = self.cfg.n_heads, self.cfg.d_head
+        # JAX attention works on (B, T, nh, hs); torch's on (B, nh, T, hs).
+        q = self.q_proj(x).reshape(B, T, nh, hs)  # (B, T, nh, hs)
+        k = self.k_proj(x).reshape(B, T, nh, hs)  # (B, T, nh, hs)
+        v = self.v_proj(x).reshape(B, T, nh, hs)  # (B, T, nh, hs)
+        # Two things force the math path where torch's SDPA needs none: jax.nn.dot_product_attention
+        # has no dropout, and it computes its softmax in float32 even for float64 inputs (measured
+        # 1.6e-7 max abs against a float64 softmax), so float64 would lose its precision.
+        dropout_active = self.cfg.attn_dropout > 0 and not self.attn_dropout.deterministic
+        if self.cfg.attn_impl == "fused" and not dropout_active and x.dtype != jnp.float64:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            y = self.math_attention(q, k, v)
+        y = y.reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+    def math_attention(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """The readable reference: softmax(q k^T / sqrt(hs) + causal mask) v, softmax in >= float32."""
+        T = q.shape[1]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.scale  # (B, nh, T, T)
+        causal = jnp.tril(jnp.ones((T, T), dtype=bool))  # True = may attend
+        scores = jnp.where(causal, scores, -jnp.inf)
+        softmax_dtype = jnp.promote_types(scores.dtype, jnp.float32)  # bf16 -> f32; f64 stays
+        probs = jax.nn.softmax(scores.astype(softmax_dtype), axis=-1).astype(q.dtype)
+        probs = self.attn_dropout(probs)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, T, nh, hs)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: BlockConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.fc_in = linear(cfg.d_model, cfg.d_hidden, cfg, param_dtype=param_dtype, rngs=rngs)
+        # jax.nn.gelu defaults to approximate=True (tanh); torch's nn.GELU to exact (erf).
+        self.gelu = functools.partial(jax.nn.gelu, approximate=cfg.gelu_approximate == "tanh")
+        self.fc_out = linear(cfg.d_hidden, cfg.d_model, cfg, param_dtype=param_dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.resid_dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.dropout(self.fc_out(self.gelu(self.fc_in(x))))  # (B, T, H) inside
+
+
+class Block(nnx.Module):
+    """x + Attn(LN1(x)), then + MLP(LN2(.)): the Pre-LN block."""
+
+    def __init__(self, cfg: BlockConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.ln_1 = layer_norm(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.attn = CausalSelfAttention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.ln_2 = layer_norm(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, return_intermediates: bool = False):
+        param_dtype = dtype_name(self.ln_1.scale[...].dtype)
+        check_block_input(tuple(x.shape), dtype_name(x.dtype), param_dtype, self.cfg)
+        ln_1 = self.ln_1(x)
+        attn = self.attn(ln_1)
+        resid_1 = x + attn
+        ln_2 = self.ln_2(resid_1)
+        mlp = self.mlp(ln_2)
+        out = resid_1 + mlp
+        if return_intermediates:
+            return out, dict(ln_1=ln_1, attn=attn, resid_1=resid_1, ln_2=ln_2, mlp=mlp, out=out)
+        return out

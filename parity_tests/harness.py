@@ -1,0 +1,333 @@
+"""The parity harness shared by the tests and by ``scripts.parity_report``.
+
+A check builds one twin with its own framework's init, perturbs every parameter (so a swapped bias
+or LayerNorm mapping cannot hide behind zeros and ones), converts the weights to the other twin,
+runs both on a bit-identical input in eval mode under matched precision, and compares every
+intermediate (ln_1, attn, resid_1, ln_2, mlp, out) against the source side. A failing check names
+the first sublayer whose error is over tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+import weight_conversion as wc
+from twin_common import BlockConfig
+from twin_common.precision import matched_precision
+from twin_common.reference import block_forward
+from twin_common.tolerances import ROUNDTRIP_TOLERANCE, tolerance_for
+
+INTERMEDIATES = ("ln_1", "attn", "resid_1", "ln_2", "mlp", "out")
+DIRECTIONS = ("torch->jax", "jax->torch")
+PARITY_DTYPES = ("float32", "float64", "bfloat16")
+LESSON_SHAPE = (5, 8, 128)
+NUMPY_DTYPES = wc.FLOAT_DTYPES
+PERTURB_STD = 0.02  # added to every parameter after init (the init std): see the module docstring
+GOLDEN_PATH = os.path.join(os.path.dirname(__file__), "golden", "block_5x8x128.safetensors")
+
+
+@dataclasses.dataclass
+class Result:
+    check: str
+    shape: list[int]
+    dtype: str
+    torch_device: str | None
+    jax_device: str | None
+    direction: str
+    max_abs_err: float
+    max_rel_err: float
+    tolerance: float
+    passed: bool
+    first_divergence: str | None
+    config: dict
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------- devices
+
+
+def torch_devices() -> list[str]:
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    return devices
+
+
+def jax_devices() -> dict[str, object]:
+    """{platform: first device} for every JAX platform present: cpu always, gpu/tpu if there."""
+    import jax
+
+    found = {}
+    for platform in ("cpu", "gpu", "tpu"):
+        try:
+            found[platform] = jax.devices(platform)[0]
+        except RuntimeError:  # that backend is not installed or has no devices
+            continue
+    return found
+
+
+# ------------------------------------------------------------------------------------ twin builders
+
+
+def make_input(shape: Iterable[int], dtype: str, seed: int = 0) -> np.ndarray:
+    """A standard-normal input, drawn in float64 and rounded once to ``dtype``."""
+    x = np.random.default_rng(seed).standard_normal(tuple(shape))
+    return x.astype(NUMPY_DTYPES[dtype])
+
+
+def new_torch_block(cfg: BlockConfig, dtype: str, device: str, seed: int):
+    import torch
+
+    from torch_impl.block import Block
+
+    torch.manual_seed(seed)
+    model = Block(cfg).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(PERTURB_STD * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model.to(device=device, dtype=getattr(torch, dtype))
+
+
+def new_flax_block(cfg: BlockConfig, dtype: str, jax_device, seed: int):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_impl.block import Block
+
+    with jax.default_device(jax_device):
+        model = Block(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+        model.eval()
+        key = jax.random.key(seed + 1)
+        for _, var in nnx.state(model, nnx.Param).flat_state():
+            key, sub = jax.random.split(key)
+            value = var.get_value()
+            noise = PERTURB_STD * jax.random.normal(sub, value.shape, value.dtype)
+            var.set_value((value + noise).astype(dtype))
+    return model
+
+
+def run_torch(model, x: np.ndarray, device: str) -> dict[str, np.ndarray]:
+    import torch
+
+    from weight_conversion.torch_side import numpy_to_tensor, tensor_to_numpy
+
+    with torch.no_grad():
+        _, inter = model(numpy_to_tensor(x, device), return_intermediates=True)
+    return {k: tensor_to_numpy(v).astype(np.float64) for k, v in inter.items()}
+
+
+def run_flax(model, x: np.ndarray, jax_device) -> dict[str, np.ndarray]:
+    import jax
+
+    _, inter = model(jax.device_put(x, jax_device), return_intermediates=True)
+    return {k: np.asarray(v).astype(np.float64) for k, v in inter.items()}
+
+
+# --------------------------------------------------------------------------------------- compare
+
+
+def compare(
+    reference: Mapping[str, np.ndarray],
+    other: Mapping[str, np.ndarray],
+    dtype: str,
+    truth: Mapping[str, np.ndarray] | None = None,
+) -> tuple[float, float, float, bool, str | None]:
+    """(max_abs_err, max_rel_err, tolerance, passed, first_divergence) of the output, with every
+    intermediate also held to its own tolerance; the first one over it is the divergence point.
+    ``truth`` (float64 intermediates from the same weights) enables the bf16 allowance."""
+    tol = tolerance_for(dtype)
+    first = None
+    for name in INTERMEDIATES:
+        err = float(np.max(np.abs(reference[name] - other[name])))
+        if name == "out":
+            bound = tol.bound(reference[name])
+        else:
+            bound = tol.intermediate_bound(reference[name], None if truth is None else truth[name])
+        if not err <= bound:  # "not <=" so that NaN fails
+            first = name
+            break
+    ref, out = reference["out"], other["out"]
+    max_abs = float(np.max(np.abs(ref - out)))
+    peak = float(np.max(np.abs(ref)))
+    max_rel = max_abs / peak if peak else float(max_abs != 0)
+    return max_abs, max_rel, tol.bound(ref), first is None, first
+
+
+def _config_summary(cfg: BlockConfig) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k in ("n_heads", "attn_impl", "bias", "gelu_approximate")}
+
+
+def _device_name(jax_device) -> str | None:
+    return None if jax_device is None else jax_device.platform
+
+
+def _default_jax_device(jax_device):
+    return jax_device if jax_device is not None else jax_devices()["cpu"]
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def forward_pair(
+    cfg: BlockConfig,
+    dtype: str,
+    direction: str,
+    torch_device: str = "cpu",
+    jax_device=None,
+    shape: Iterable[int] = LESSON_SHAPE,
+    seed: int = 0,
+) -> tuple[dict, dict]:
+    """Build the source twin, convert it into the other, run both.
+
+    Returns (source, target, truth) intermediates; truth is the float64 NumPy reference on the same
+    (rounded) weights and input for bfloat16, where the tolerance uses it, and None otherwise."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    jax_device = _default_jax_device(jax_device)
+    x = make_input(shape, dtype, seed)
+    with matched_precision(x64=dtype == "float64"):
+        if direction == "torch->jax":
+            source = new_torch_block(cfg, dtype, torch_device, seed)
+            target = new_flax_block(cfg, dtype, jax_device, seed + 100)  # overwritten below
+            wc.torch_to_flax(source, target)
+            ref, other = run_torch(source, x, torch_device), run_flax(target, x, jax_device)
+        else:
+            source = new_flax_block(cfg, dtype, jax_device, seed)
+            target = new_torch_block(cfg, dtype, torch_device, seed + 100)  # overwritten below
+            wc.flax_to_torch(source, target)
+            ref, other = run_flax(source, x, jax_device), run_torch(target, x, torch_device)
+    truth = None
+    if tolerance_for(dtype).truth_factor is not None:
+        truth = block_forward(wc.export(source), x, cfg)
+    return ref, other, truth
+
+
+def forward_check(
+    cfg: BlockConfig,
+    dtype: str,
+    direction: str,
+    torch_device: str = "cpu",
+    jax_device=None,
+    shape: Iterable[int] = LESSON_SHAPE,
+    seed: int = 0,
+) -> Result:
+    jax_device = _default_jax_device(jax_device)
+    shape = list(shape)
+    ref, other, truth = forward_pair(cfg, dtype, direction, torch_device, jax_device, shape, seed)
+    return Result(
+        "forward", shape, dtype, torch_device, _device_name(jax_device), direction,
+        *compare(ref, other, dtype, truth), config=_config_summary(cfg),
+    )  # fmt: skip
+
+
+def attention_paths_check(
+    framework: str, cfg: BlockConfig, dtype: str, device=None, seed: int = 0
+) -> Result:
+    """The fused attention path against the explicit math path, within one framework."""
+    shape = list(LESSON_SHAPE)
+    x = make_input(shape, dtype, seed)
+    fused, math_ = (dataclasses.replace(cfg, attn_impl=impl) for impl in ("fused", "math"))
+    with matched_precision(x64=dtype == "float64"):
+        if framework == "torch":
+            device = device or "cpu"
+            a = new_torch_block(fused, dtype, device, seed)
+            b = new_torch_block(math_, dtype, device, seed + 100)
+            b.load_state_dict(a.state_dict())
+            ref, other = run_torch(a, x, device), run_torch(b, x, device)
+            names = (device, None)
+        else:
+            device = _default_jax_device(device)
+            a = new_flax_block(fused, dtype, device, seed)
+            b = new_flax_block(math_, dtype, device, seed + 100)
+            wc.import_(b, wc.export(a))
+            ref, other = run_flax(a, x, device), run_flax(b, x, device)
+            names = (None, device.platform)
+    return Result(
+        "attn_fused_vs_math", shape, dtype, *names, f"{framework}:fused->math",
+        *compare(ref, other, dtype), config=_config_summary(cfg),
+    )  # fmt: skip
+
+
+def roundtrip_check(cfg: BlockConfig, dtype: str, start: str, via_file: bool, seed: int = 0) -> Result:
+    """start twin -> other twin -> start twin (in memory, or through a safetensors file each way):
+    every parameter must come back bit for bit."""
+    jax_device = jax_devices()["cpu"]
+    with matched_precision(x64=dtype == "float64"):
+        torch_model = new_torch_block(cfg, dtype, "cpu", seed)
+        flax_model = new_flax_block(cfg, dtype, jax_device, seed + 100)
+        models = [torch_model, flax_model] if start == "torch" else [flax_model, torch_model]
+        before = wc.export(models[0])
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, (src, dst) in enumerate((models, models[::-1])):
+                if via_file:
+                    path = os.path.join(tmp, f"hop{i}.safetensors")
+                    wc.save(src, path)
+                    wc.load(dst, path)
+                else:
+                    wc.import_(dst, wc.export(src))
+        after = wc.export(models[0])
+    err, first = 0.0, None
+    for key, value in before.items():  # compare bits, so that -0.0 vs 0.0 or NaN payloads count
+        as_bits = value.dtype.itemsize
+        bits_equal = np.array_equal(value.view(f"u{as_bits}"), after[key].view(f"u{as_bits}"))
+        diff = float(np.max(np.abs(value.astype(np.float64) - after[key].astype(np.float64))))
+        if not bits_equal and first is None:
+            first = key
+            diff = max(diff, np.finfo(np.float64).tiny)  # differing bits are never an error of 0
+        err = max(err, diff)
+    other = "jax" if start == "torch" else "torch"
+    return Result(
+        "roundtrip", [], dtype, "cpu", "cpu",
+        f"{start}->{other}->{start}" + (" (safetensors)" if via_file else ""),
+        err, err, ROUNDTRIP_TOLERANCE, first is None, first, config=_config_summary(cfg),
+    )  # fmt: skip
+
+
+def load_golden(path: str = GOLDEN_PATH) -> tuple[dict, np.ndarray, dict[int, dict], dict]:
+    """(weights, input, {n_heads: float64 intermediates}, base config dict) from the golden file."""
+    import json
+
+    arrays, metadata = wc.load_file(path)
+    base = json.loads(metadata["config"])
+    weights = {k.removeprefix("weights."): v for k, v in arrays.items() if k.startswith("weights.")}
+    refs: dict[int, dict] = {}
+    for key, value in arrays.items():
+        if key.startswith("reference."):
+            _, heads, name = key.split(".")
+            refs.setdefault(int(heads.removeprefix("n_heads_")), {})[name] = value
+    return weights, arrays["input"], refs, base
+
+
+def golden_check(framework: str, n_heads: int, dtype: str, device=None, path: str = GOLDEN_PATH) -> Result:
+    """One twin alone against the committed float64 reference: needs only its own framework."""
+    weights, x, refs, base = load_golden(path)
+    cfg = BlockConfig.from_dict({**base, "n_heads": n_heads})
+    weights = {k: v.astype(NUMPY_DTYPES[dtype]) for k, v in weights.items()}
+    x = x.astype(NUMPY_DTYPES[dtype])
+    with matched_precision(x64=dtype == "float64"):
+        if framework == "torch":
+            device = device or "cpu"
+            model = new_torch_block(cfg, dtype, device, 0)
+            wc.import_(model, weights)
+            got, names = run_torch(model, x, device), (device, None)
+        else:
+            device = _default_jax_device(device)
+            model = new_flax_block(cfg, dtype, device, 0)
+            wc.import_(model, weights)
+            got, names = run_flax(model, x, device), (None, device.platform)
+    return Result(
+        "golden", list(x.shape), dtype, *names, f"golden->{framework}",
+        *compare(refs[n_heads], got, dtype), config=_config_summary(cfg),
+    )  # fmt: skip

@@ -1,0 +1,119 @@
+"""Pre-LayerNorm transformer block in PyTorch. Twin of jax_impl/block.py: same classes, same
+attribute names in the same order; read the two side by side.
+
+Shapes: B batch, T sequence, C d_model, nh heads, hs head size (C = nh * hs), H hidden (4 * C).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twin_common import BlockConfig, check_block_input
+
+INTERMEDIATES = ("ln_1", "attn", "resid_1", "ln_2", "mlp", "out")  # in the order they are computed
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def linear(d_in: int, d_out: int, cfg: BlockConfig) -> nn.Linear:
+    """nn.Linear with the project's init pinned: normal(0, init_std) weight, zero bias.
+
+    torch's default is kaiming-uniform for weight *and* bias; Flax's is lecun-normal kernel and zero
+    bias. Neither is used. The weight is stored (out, in); Flax stores its kernel (in, out).
+    """
+    layer = nn.Linear(d_in, d_out, bias=cfg.bias)
+    nn.init.normal_(layer.weight, mean=0.0, std=cfg.init_std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+def layer_norm(cfg: BlockConfig) -> nn.LayerNorm:
+    """nn.LayerNorm with eps pinned (torch 1e-5, Flax 1e-6 by default); scale 1, bias 0."""
+    return nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: BlockConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj = linear(cfg.d_model, cfg.d_model, cfg)
+        self.k_proj = linear(cfg.d_model, cfg.d_model, cfg)
+        self.v_proj = linear(cfg.d_model, cfg.d_model, cfg)
+        self.out_proj = linear(cfg.d_model, cfg.d_model, cfg)
+        self.attn_dropout = nn.Dropout(cfg.attn_dropout)
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout)
+        self.scale = 1.0 / math.sqrt(cfg.d_head)  # pinned, not left to SDPA's default
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        nh, hs = self.cfg.n_heads, self.cfg.d_head
+        # torch attention works on (B, nh, T, hs); JAX's on (B, T, nh, hs).
+        q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.v_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.cfg.attn_impl == "fused":
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                dropout_p=self.attn_dropout.p if self.training else 0.0,
+                is_causal=True,  # SDPA's bool attn_mask means True = attend; is_causal avoids it
+                scale=self.scale,
+            )  # (B, nh, T, hs)
+        else:
+            y = self.math_attention(q, k, v)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+    def math_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The readable reference: softmax(q k^T / sqrt(hs) + causal mask) v, softmax in >= float32."""
+        T = q.shape[-2]
+        scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # True = may attend
+        scores = scores.masked_fill(~causal, float("-inf"))
+        softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # bf16 -> f32; f64 stays
+        probs = torch.softmax(scores.to(softmax_dtype), dim=-1).to(q.dtype)
+        probs = self.attn_dropout(probs)
+        return probs @ v  # (B, nh, T, hs)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: BlockConfig):
+        super().__init__()
+        self.fc_in = linear(cfg.d_model, cfg.d_hidden, cfg)
+        self.gelu = nn.GELU(approximate=cfg.gelu_approximate)  # "none" = exact erf, torch's default
+        self.fc_out = linear(cfg.d_hidden, cfg.d_model, cfg)
+        self.dropout = nn.Dropout(cfg.resid_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc_out(self.gelu(self.fc_in(x))))  # (B, T, H) inside
+
+
+class Block(nn.Module):
+    """x + Attn(LN1(x)), then + MLP(LN2(.)): the Pre-LN block."""
+
+    def __init__(self, cfg: BlockConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.ln_1 = layer_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = layer_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, return_intermediates: bool = False):
+        param_dtype = dtype_name(self.ln_1.weight.dtype)
+        check_block_input(tuple(x.shape), dtype_name(x.dtype), param_dtype, self.cfg)
+        ln_1 = self.ln_1(x)
+        attn = self.attn(ln_1)
+        resid_1 = x + attn
+        ln_2 = self.ln_2(resid_1)
+        mlp = self.mlp(ln_2)
+        out = resid_1 + mlp
+        if return_intermediates:
+            return out, dict(ln_1=ln_1, attn=attn, resid_1=resid_1, ln_2=ln_2, mlp=mlp, out=out)
+        return out

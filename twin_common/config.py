@@ -1,0 +1,90 @@
+"""The one config both twins are built from.
+
+Every field that has a framework default on either side is spelled out here, so neither twin ever
+falls back on a library default (see docs and ../shared/ANCHORS.md for the traps):
+
+- ``ln_eps``: torch ``nn.LayerNorm`` defaults to 1e-5, ``nnx.LayerNorm`` to 1e-6.
+- ``gelu_approximate``: torch ``nn.GELU`` defaults to exact (erf), ``jax.nn.gelu`` to tanh.
+- ``init_std``: torch ``nn.Linear`` inits kaiming-uniform weight *and* bias, Flax ``nnx.Linear``
+  lecun-normal kernel and zero bias. Both twins use GPT-2's normal(0, 0.02) weights and zero biases.
+- Flax ``nnx.LayerNorm(use_fast_variance=True)`` computes E[x^2] - E[x]^2; both twins compute the
+  two-pass E[(x - mean)^2] that torch uses (pinned in jax_impl, not configurable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+AttnImpl = Literal["fused", "math"]
+GeluApprox = Literal["none", "tanh"]
+
+# Fields that change how a block runs or is initialised, not the function its weights compute: a
+# checkpoint may be loaded into a config that differs from its own only in these.
+RUNTIME_FIELDS = frozenset({"attn_impl", "attn_dropout", "resid_dropout", "init_std"})
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    d_model: int = 128  # width of the residual stream; the lesson's (5, 8, 128) input
+    n_heads: int = 4  # 1 is the single-head case of the lesson; d_model must divide evenly
+    block_size: int = 64  # longest sequence accepted; longer input is a ValueError on both twins
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model, as in GPT-2
+    bias: bool = True  # biases in every Linear and LayerNorm (GPT-2 has them; many newer models not)
+    ln_eps: float = 1e-5  # torch's default; nnx.LayerNorm would silently use 1e-6
+    gelu_approximate: GeluApprox = "none"  # torch's name: "none" = exact erf GELU, "tanh" = GPT-2's
+    attn_impl: AttnImpl = "fused"  # "fused": SDPA / jax.nn.dot_product_attention; "math": explicit
+    attn_dropout: float = 0.0  # dropout on attention probabilities (training only)
+    resid_dropout: float = 0.0  # dropout on each sublayer's output before the residual add
+    init_std: float = 0.02  # normal(0, init_std) for every weight matrix, zeros for biases
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("d_model", "n_heads", "block_size", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name} must be a positive int, got {value!r}")
+        if not problems and self.d_model % self.n_heads:
+            problems.append(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+            )
+        if self.gelu_approximate not in ("none", "tanh"):
+            problems.append(
+                f"gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}"
+            )
+        if self.attn_impl not in ("fused", "math"):
+            problems.append(f"attn_impl must be 'fused' or 'math', got {self.attn_impl!r}")
+        for name in ("attn_dropout", "resid_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {p!r}")
+        if not self.ln_eps > 0:
+            problems.append(f"ln_eps must be > 0, got {self.ln_eps!r}")
+        if not self.init_std > 0:
+            problems.append(f"init_std must be > 0, got {self.init_std!r}")
+        if problems:
+            raise ValueError("invalid BlockConfig: " + "; ".join(problems))
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def d_hidden(self) -> int:
+        return self.mlp_ratio * self.d_model
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BlockConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown BlockConfig fields: {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def lesson(cls, n_heads: int = 1) -> "BlockConfig":
+        """The original lesson's block: d_model 128, a single head, sequences of 8."""
+        return cls(d_model=128, n_heads=n_heads, block_size=8)

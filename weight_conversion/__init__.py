@@ -1,0 +1,102 @@
+"""Move weights between the PyTorch and Flax NNX twins, in memory or through safetensors files.
+
+One table (``weight_conversion.table``) drives both directions. Everything is checked before
+anything is applied: a ConversionError lists every missing or unexpected key, wrong shape, wrong
+dtype and non-finite value, and the target model is left untouched.
+
+torch and jax are imported only by the functions that need them, so a machine with one framework
+can still read and write checkpoints for its twin.
+
+    torch_to_flax(torch_block, flax_block)      # in memory
+    flax_to_torch(flax_block, torch_block)
+    save(torch_block, "block.safetensors")      # either twin; torch layout + config in metadata
+    load(flax_block, "block.safetensors")       # either twin
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from twin_common.config import RUNTIME_FIELDS
+from weight_conversion.safetensors_io import CheckpointError, load_file, save_file
+from weight_conversion.table import ParamSpec, Transform, block_table, table_for
+from weight_conversion.validate import FLOAT_DTYPES, ConversionError
+
+__all__ = [
+    "CheckpointError", "ConversionError", "FLOAT_DTYPES", "ParamSpec", "Transform",
+    "block_table", "export", "flax_to_torch", "import_", "load", "load_file", "save",
+    "save_file", "table_for", "torch_to_flax",
+]  # fmt: skip
+
+
+def _is_torch(model) -> bool:
+    return any(cls.__module__.startswith("torch.") for cls in type(model).__mro__)
+
+
+def export(model) -> dict[str, np.ndarray]:
+    """Parameters of either twin as {torch state_dict key: NumPy array in torch layout}."""
+    if _is_torch(model):
+        from weight_conversion.torch_side import export_torch
+
+        return export_torch(model)
+    from weight_conversion.flax_side import export_flax
+
+    return export_flax(model)
+
+
+def import_(model, arrays) -> None:
+    """Load {torch key: torch-layout array} into either twin, all checks first."""
+    if _is_torch(model):
+        from weight_conversion.torch_side import import_torch
+
+        return import_torch(model, arrays)
+    from weight_conversion.flax_side import import_flax
+
+    return import_flax(model, arrays)
+
+
+def torch_to_flax(torch_model, flax_model) -> None:
+    import_(flax_model, export(torch_model))
+
+
+def flax_to_torch(flax_model, torch_model) -> None:
+    import_(torch_model, export(flax_model))
+
+
+def save(model, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> None:
+    """Write either twin's parameters to a safetensors file (atomically), config in the metadata."""
+    metadata = {"format": "pt", "config": json.dumps(model.cfg.to_dict(), sort_keys=True)}
+    metadata.update(extra_metadata or {})
+    save_file(export(model), path, metadata)
+
+
+def load(model, path: str | os.PathLike) -> dict[str, str]:
+    """Load a safetensors file written by either twin (or any torch-layout file) into ``model``.
+
+    If the file records a config, it must describe the same function as the model's (fields in
+    RUNTIME_FIELDS, such as attn_impl or dropout, may differ); otherwise a ConversionError names each
+    differing field. Returns the file's metadata.
+    """
+    arrays, metadata = load_file(path)
+    problems = []
+    if "config" in metadata:
+        try:
+            saved = json.loads(metadata["config"])
+        except json.JSONDecodeError:
+            saved = None
+            problems.append(f"the file's config metadata is not JSON: {metadata['config'][:80]!r}")
+        if isinstance(saved, dict):
+            ours = model.cfg.to_dict()
+            for field in sorted((set(saved) | set(ours)) - RUNTIME_FIELDS):
+                if saved.get(field) != ours.get(field):
+                    problems.append(
+                        f"config field {field!r} is {saved.get(field)!r} in {os.fspath(path)} "
+                        f"but {ours.get(field)!r} in the model"
+                    )
+    if problems:
+        raise ConversionError(problems, f"checkpoint {os.fspath(path)}")
+    import_(model, arrays)
+    return metadata

@@ -1,0 +1,81 @@
+"""Check a set of arrays against a conversion table before anything is written to a model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from weight_conversion.table import ParamSpec
+
+# Every floating dtype the converter moves, by name. NumPy has no bfloat16: ml_dtypes provides it,
+# and it is the same 16-bit layout torch and JAX use, so conversion is a reinterpretation of bits.
+FLOAT_DTYPES = {
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+}
+
+
+class ConversionError(ValueError):
+    """Raised with every problem found, one per line, each naming its key. Nothing was applied."""
+
+    def __init__(self, problems: Sequence[str], what: str = "weights"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(
+            f"{len(self.problems)} problem(s) with the {what}; nothing was applied:\n{lines}"
+        )
+
+
+def find_problems(
+    arrays: Mapping[str, np.ndarray],
+    table: Sequence[ParamSpec],
+    expected_dtype: str | None,
+) -> list[str]:
+    """All problems of ``arrays`` (torch keys, torch layout) against ``table``, in table order."""
+    problems: list[str] = []
+    wanted = {spec.torch_key: spec for spec in table}
+    for spec in table:
+        if spec.torch_key not in arrays:
+            problems.append(f"missing key {spec.torch_key!r} (expected shape {spec.torch_shape})")
+    for key in arrays:
+        if key not in wanted:
+            problems.append(f"unexpected key {key!r}")
+    for key, array in arrays.items():
+        spec = wanted.get(key)
+        if spec is None:
+            continue
+        array = np.asarray(array)
+        if tuple(array.shape) != spec.torch_shape:
+            problems.append(
+                f"wrong shape for {key!r}: got {tuple(array.shape)}, expected {spec.torch_shape} "
+                f"(torch layout)"
+            )
+        name = array.dtype.name
+        if name not in FLOAT_DTYPES:
+            problems.append(
+                f"wrong dtype for {key!r}: got {name}, expected a float dtype "
+                f"({', '.join(FLOAT_DTYPES)})"
+            )
+            continue
+        if expected_dtype is not None and name != expected_dtype:
+            problems.append(f"wrong dtype for {key!r}: got {name}, the target has {expected_dtype}")
+        finite = np.isfinite(array.astype(np.float64))
+        if not finite.all():
+            bad = int((~finite).sum())
+            problems.append(f"non-finite values in {key!r}: {bad} of {array.size} are NaN or Inf")
+    return problems
+
+
+def check(
+    arrays: Mapping[str, np.ndarray],
+    table: Sequence[ParamSpec],
+    expected_dtype: str | None,
+    what: str = "weights",
+) -> None:
+    problems = find_problems(arrays, table, expected_dtype)
+    if problems:
+        raise ConversionError(problems, what)
