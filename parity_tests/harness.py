@@ -110,7 +110,7 @@ def new_flax_block(cfg: BlockConfig, dtype: str, jax_device, seed: int):
         model = Block(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
         model.eval()
         key = jax.random.key(seed + 1)
-        for _, var in nnx.state(model, nnx.Param).flat_state():
+        for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
             key, sub = jax.random.split(key)
             value = var.get_value()
             noise = PERTURB_STD * jax.random.normal(sub, value.shape, value.dtype)

@@ -22,7 +22,7 @@ def _variable(model: nnx.Module, path: FlaxPath) -> nnx.Variable:
 
 def _model_table(model: nnx.Module):
     table = table_for(model.cfg)
-    params = {tuple(path): var for path, var in nnx.state(model, nnx.Param).flat_state()}
+    params = {tuple(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     if set(params) != {spec.flax_path for spec in table} or any(
         tuple(params[s.flax_path].get_value().shape) != s.flax_shape for s in table
     ):  # a bug in this project, not in the user's weights
