@@ -277,16 +277,18 @@ def roundtrip_check(cfg: BlockConfig, dtype: str, start: str, via_file: bool, se
                     wc.load(dst, path)
                 else:
                     wc.import_(dst, wc.export(src))
+                if i == 0:  # the middle twin must hold the weights, or a no-op import would pass
+                    middle = wc.export(models[1])
         after = wc.export(models[0])
     err, first = 0.0, None
-    for key, value in before.items():  # compare bits, so that -0.0 vs 0.0 or NaN payloads count
-        as_bits = value.dtype.itemsize
-        bits_equal = np.array_equal(value.view(f"u{as_bits}"), after[key].view(f"u{as_bits}"))
-        diff = float(np.max(np.abs(value.astype(np.float64) - after[key].astype(np.float64))))
-        if not bits_equal and first is None:
-            first = key
-            diff = max(diff, np.finfo(np.float64).tiny)  # differing bits are never an error of 0
-        err = max(err, diff)
+    for stage, got in (("middle", middle), ("back", after)):
+        for key, value in before.items():
+            diff = float(np.max(np.abs(value.astype(np.float64) - got[key].astype(np.float64))))
+            bits = f"u{value.dtype.itemsize}"  # bits, so that -0.0 vs 0.0 or NaN payloads count
+            if not np.array_equal(value.view(bits), got[key].view(bits)):
+                first = first or f"{key} ({stage})"
+                diff = max(diff, np.finfo(np.float64).tiny)  # differing bits are never an error of 0
+            err = max(err, diff)
     other = "jax" if start == "torch" else "torch"
     return Result(
         "roundtrip", [], dtype, "cpu", "cpu",

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("torch", reason="needs both frameworks")
+pytest.importorskip("flax", reason="needs both frameworks")
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -3,6 +3,11 @@ at the right sublayer. If one of these passes, the parity checks have gone blind
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("torch", reason="needs both frameworks")
+pytest.importorskip("flax", reason="needs both frameworks")
+
 import dataclasses
 import json
 

@@ -88,6 +88,8 @@ def load(model, path: str | os.PathLike) -> dict[str, str]:
         except json.JSONDecodeError:
             saved = None
             problems.append(f"the file's config metadata is not JSON: {metadata['config'][:80]!r}")
+        if saved is not None and not isinstance(saved, dict):
+            problems.append(f"the file's config metadata is not a JSON object: {metadata['config'][:80]!r}")
         if isinstance(saved, dict):
             ours = model.cfg.to_dict()
             for field in sorted((set(saved) | set(ours)) - RUNTIME_FIELDS):
@@ -98,5 +100,8 @@ def load(model, path: str | os.PathLike) -> dict[str, str]:
                     )
     if problems:
         raise ConversionError(problems, f"checkpoint {os.fspath(path)}")
-    import_(model, arrays)
+    try:
+        import_(model, arrays)
+    except ConversionError as e:  # say which file the bad weights came from
+        raise ConversionError(e.problems, f"checkpoint {os.fspath(path)}") from None
     return metadata

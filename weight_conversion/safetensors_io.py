@@ -78,6 +78,10 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarr
     if not isinstance(header, dict):
         raise fail("header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise fail(f"__metadata__ must map str to str, got {metadata!r:.80}")
     body = memoryview(data)[8 + n :]
     entries = []
     for name, info in header.items():
@@ -117,11 +121,22 @@ def save_file(
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes it 0600; give it what open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _file_mode(path: str) -> int:
+    """The mode of the file being replaced, or what a plain open() would create under the umask."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def load_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
