@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One-shot check for a GPU machine that has the dependencies but no network: the parity report
+# (every torch device x every JAX device, CUDA rows included) and the test suite, logs under $OUT
+# (or reports/). Run from the repository root:  bash scripts/gpu_check.sh
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+out=${OUT:-reports}
+mkdir -p "$out"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  python -c "import torch, jax, flax; print('torch', torch.__version__, 'cuda', torch.cuda.is_available()); print('jax', jax.__version__, jax.devices()); print('flax', flax.__version__)"
+} 2>&1 | tee "$out/env.txt"
+python -m scripts.parity_report --json "$out/parity.json" 2>"$out/report_progress.txt" | tee "$out/report.txt"
+report=${PIPESTATUS[0]}
+python -m pytest -q -p no:cacheprovider -ra >"$out/pytest.txt" 2>&1
+tests=$?
+tail -n 25 "$out/pytest.txt"
+echo "parity report exit $report, pytest exit $tests"
+exit $(( report || tests ))
