@@ -82,6 +82,10 @@ def test_bad_input_gets_the_same_value_error_on_both_twins(case):
         (dict(attn_impl="flash"), "attn_impl"),
         (dict(attn_dropout=1.0), "attn_dropout"),
         (dict(ln_eps=0.0), "ln_eps"),
+        (dict(ln_eps=float("inf")), "ln_eps must be a finite number"),
+        (dict(init_std=float("nan")), "init_std"),
+        (dict(resid_dropout="0.1"), "resid_dropout must be a number"),
+        (dict(bias="yes"), "bias must be a bool"),
     ],
 )
 def test_bad_config_is_a_value_error(kwargs, fragment):

@@ -6,6 +6,11 @@ Everything runs on CPU with a small block (d_model 32) so the whole file takes a
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("torch", reason="needs both frameworks")
+pytest.importorskip("flax", reason="needs both frameworks")
+
 import dataclasses
 import json
 import os
@@ -499,3 +504,14 @@ def test_runtime_field_difference_loads(change, target, tmp_path):
     metadata = wc.load(model, path)
     assert json.loads(metadata["config"]) == CFG.to_dict()
     assert_same_arrays(wc.export(source), wc.export(model))
+
+
+def test_float64_into_flax_outside_x64_mode_is_refused():
+    """A float64 Flax model used outside x64 mode would get its weights truncated to float32."""
+    with matched_precision(x64=True):
+        fm = flax_block(dtype="float64", seed=1)
+        before = raw_params(fm)
+    source = wc.export(torch_block(dtype="float64", seed=0))
+    with pytest.raises(wc.ConversionError, match="x64"):
+        wc.import_(fm, source)
+    assert_same_params(before, raw_params(fm))

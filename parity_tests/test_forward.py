@@ -70,7 +70,7 @@ def test_torch_fused_attention_matches_math(tdev, dtype):
     assert r.passed, _explain(r)
 
 
-@pytest.mark.parametrize("dtype", h.PARITY_DTYPES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # float64 always takes the math path
 @pytest.mark.parametrize("jplat", jax_platform_params())
 def test_jax_fused_attention_matches_math(jplat, dtype):
     r = h.attention_paths_check("jax", BlockConfig.lesson(4), dtype, jax_device(jplat))

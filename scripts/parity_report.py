@@ -47,6 +47,8 @@ def plan(dtypes, heads, torch_devices, jax_devices):
             yield (f"attention paths torch:{tdev} {dtype}",
                    lambda d=dtype, t=tdev: h.attention_paths_check("torch", cfg, d, t))
         for jname, jdev in jax_devices.items():
+            if dtype == "float64":  # the Flax twin takes the math path for float64: nothing to compare
+                continue
             yield (f"attention paths jax:{jname} {dtype}",
                    lambda d=dtype, j=jdev: h.attention_paths_check("jax", cfg, d, j))
     for dtype in (d for d in dtypes if d in ("float32", "float64")):  # golden refs are not bf16

@@ -14,6 +14,8 @@ falls back on a library default (see docs and ../shared/ANCHORS.md for the traps
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Literal
 
 AttnImpl = Literal["fused", "math"]
@@ -22,6 +24,10 @@ GeluApprox = Literal["none", "tanh"]
 # Fields that change how a block runs or is initialised, not the function its weights compute: a
 # checkpoint may be loaded into a config that differs from its own only in these.
 RUNTIME_FIELDS = frozenset({"attn_impl", "attn_dropout", "resid_dropout", "init_std"})
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,8 @@ class BlockConfig:
             problems.append(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
             )
+        if not isinstance(self.bias, bool):
+            problems.append(f"bias must be a bool, got {self.bias!r}")
         if self.gelu_approximate not in ("none", "tanh"):
             problems.append(
                 f"gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}"
@@ -56,12 +64,12 @@ class BlockConfig:
             problems.append(f"attn_impl must be 'fused' or 'math', got {self.attn_impl!r}")
         for name in ("attn_dropout", "resid_dropout"):
             p = getattr(self, name)
-            if not 0.0 <= p < 1.0:
-                problems.append(f"{name} must be in [0, 1), got {p!r}")
-        if not self.ln_eps > 0:
-            problems.append(f"ln_eps must be > 0, got {self.ln_eps!r}")
-        if not self.init_std > 0:
-            problems.append(f"init_std must be > 0, got {self.init_std!r}")
+            if not _is_real(p) or not 0.0 <= p < 1.0:
+                problems.append(f"{name} must be a number in [0, 1), got {p!r}")
+        for name in ("ln_eps", "init_std"):
+            v = getattr(self, name)
+            if not _is_real(v) or not 0.0 < v < math.inf:
+                problems.append(f"{name} must be a finite number > 0, got {v!r}")
         if problems:
             raise ValueError("invalid BlockConfig: " + "; ".join(problems))
 

@@ -53,6 +53,11 @@ def describe() -> dict:
         import torch
 
         info["torch_float32_matmul_precision"] = torch.get_float32_matmul_precision()
+        matmul = torch.backends.cuda.matmul
+        if hasattr(matmul, "fp32_precision"):  # torch >= 2.9 spells TF32 control this way
+            info["torch_cuda_matmul_fp32_precision"] = matmul.fp32_precision
+        else:
+            info["torch_cuda_matmul_allow_tf32"] = matmul.allow_tf32
     if importlib.util.find_spec("jax") is not None:
         import jax
 

@@ -50,6 +50,14 @@ def import_flax(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> None:
     if len(dtypes) != 1:
         raise ConversionError([f"the Flax model mixes parameter dtypes {dtypes}"], "target model")
     problems = find_problems(arrays, table, dtypes[0])
+    if dtypes[0] == "float64" and not jax.config.jax_enable_x64:
+        # The model was built in x64 mode but this call runs outside it: device_put would
+        # silently truncate every array to float32.
+        problems.append(
+            "float64 weights need JAX's x64 mode here (twin_common.precision.matched_precision("
+            "x64=True) or jax.config.update('jax_enable_x64', True)); without it JAX truncates "
+            "them to float32"
+        )
     if problems:
         raise ConversionError(problems)
     for spec in table:

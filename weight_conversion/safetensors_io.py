@@ -123,10 +123,24 @@ def save_file(
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode(path))  # mkstemp makes it 0600; give it what open() would
         os.replace(tmp, path)
+        _fsync_folder(folder)  # make the rename itself survive a crash
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a folder; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _file_mode(path: str) -> int:
