@@ -166,7 +166,8 @@ def compare(
 
 
 def _config_summary(cfg: BlockConfig) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k in ("n_heads", "attn_impl", "bias", "gelu_approximate")}
+    keep = ("n_heads", "attn_impl", "bias", "gelu_approximate")
+    return {"model": "block", **{k: v for k, v in cfg.to_dict().items() if k in keep}}
 
 
 def _device_name(jax_device) -> str | None:

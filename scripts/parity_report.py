@@ -8,6 +8,9 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
   attn_fused_vs_math  fused attention against the explicit math path, within each framework
   golden              each twin alone against the committed float64 reference
   roundtrip           torch -> Flax -> torch and back through safetensors files, bit for bit
+  grad                every parameter gradient (and the block's input gradient), block and small GPT
+  train_step          20 AdamW steps (warmup + cosine, clipping) of a small GPT in both frameworks
+  resume              10 steps in one framework, checkpoint, 10 more in the other
 All run under matched precision (full-float32 matmuls in both frameworks). Exits 1 if any fails.
 """
 
@@ -27,6 +30,22 @@ from twin_common.precision import matched_precision
 from twin_common.tolerances import TOLERANCES
 
 HEAD_COUNTS = (1, 4)  # the lesson's single head, and several heads
+
+
+def training_plan(dtypes):
+    """Rows for gradients, 20-step AdamW trajectories and cross-framework resume (CPU, float32/64)."""
+    from parity_tests import train_harness as th
+
+    for model in ("block", "gpt"):
+        for dtype in (d for d in dtypes if d in ("float32", "float64")):
+            for direction in h.DIRECTIONS:
+                yield (f"grad {model} {direction} {dtype}",
+                       lambda m=model, d=dtype, r=direction: th.grad_check(m, d, r))
+    if "float32" in dtypes:
+        for direction in h.DIRECTIONS:
+            yield (f"train_step 20 x AdamW {direction}", lambda r=direction: th.trajectory_check(r)[0])
+        for first in ("torch", "jax"):
+            yield (f"resume 10 + 10 steps from {first}", lambda f=first: th.resume_check(f))
 
 
 def plan(dtypes, heads, torch_devices, jax_devices):
@@ -96,10 +115,10 @@ def metadata(torch_devices, jax_devices, elapsed: float) -> dict:
 
 
 def format_table(results) -> str:
-    headers = ("check", "direction", "dtype", "torch", "jax", "heads", "max abs err",
+    headers = ("check", "model", "direction", "dtype", "torch", "jax", "heads", "max abs err",
                "max rel err", "tolerance", "result", "first divergence")  # fmt: skip
     rows = [
-        (r.check, r.direction, r.dtype, r.torch_device or "-", r.jax_device or "-",
+        (r.check, r.config.get("model", "block"), r.direction, r.dtype, r.torch_device or "-", r.jax_device or "-",
          str(r.config.get("n_heads", "-")), f"{r.max_abs_err:.2e}", f"{r.max_rel_err:.2e}",
          f"{r.tolerance:.1e}", "PASS" if r.passed else "FAIL", r.first_divergence or "-")
         for r in results
@@ -119,6 +138,8 @@ def main(argv=None) -> int:
                         choices=h.PARITY_DTYPES, help="dtypes to check (default: all)")
     parser.add_argument("--heads", nargs="+", type=int, default=list(HEAD_COUNTS),
                         help="head counts at d_model 128 (default: 1 4)")
+    parser.add_argument("--skip-training", action="store_true",
+                        help="forward, attention, golden and roundtrip checks only (under 30 s)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     bad_heads = [n for n in args.heads if n < 1 or 128 % n]
@@ -128,6 +149,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     torch_devices, jax_devices = h.torch_devices(), h.jax_devices()
     checks = list(plan(args.dtypes, args.heads, torch_devices, jax_devices))
+    if not args.skip_training:
+        checks += list(training_plan(args.dtypes))
     if not args.quiet:
         print(f"running {len(checks)} checks; torch devices {torch_devices}, "
               f"jax devices {list(jax_devices)}", file=sys.stderr)  # fmt: skip

@@ -5,7 +5,7 @@ Nothing in this package imports torch or jax at module level, so a machine with 
 (a TPU VM with JAX only, say) can import it.
 """
 
-from twin_common.config import BlockConfig
+from twin_common.config import BlockConfig, GPTConfig
 from twin_common.checks import SUPPORTED_DTYPES, check_block_input
 
-__all__ = ["BlockConfig", "SUPPORTED_DTYPES", "check_block_input"]
+__all__ = ["BlockConfig", "GPTConfig", "SUPPORTED_DTYPES", "check_block_input"]

@@ -43,3 +43,25 @@ def check_block_input(
             f"input dtype {dtype} does not match the block's parameter dtype {param_dtype}; "
             f"cast the input or convert the model first"
         )
+
+
+def check_token_input(shape: tuple[int, ...], dtype: str, cfg, value_range=None) -> None:
+    """Raise ValueError unless token ids of this shape/dtype can go through a GPT of ``cfg``.
+
+    ``value_range`` is (min, max) of the ids when the caller can see them (not under jax.jit, where
+    they are abstract); out-of-range ids matter because JAX clamps an out-of-bounds gather silently
+    where torch raises.
+    """
+    if len(shape) != 2:
+        raise ValueError(f"expected token ids of shape (batch, seq), got rank {len(shape)} shape {tuple(shape)}")
+    batch, seq = shape
+    if batch < 1 or seq < 1:
+        raise ValueError(f"token ids have an empty batch or sequence dimension: shape {tuple(shape)}")
+    if seq > cfg.block_size:
+        raise ValueError(f"sequence length {seq} exceeds the configured block_size={cfg.block_size}")
+    if not (dtype.startswith("int") or dtype.startswith("uint")):
+        raise ValueError(f"token ids must be integers, got dtype {dtype}")
+    if value_range is not None:
+        low, high = value_range
+        if low < 0 or high >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got values in [{low}, {high}]")

@@ -96,3 +96,59 @@ class BlockConfig:
     def lesson(cls, n_heads: int = 1) -> "BlockConfig":
         """The original lesson's block: d_model 128, a single head, sequences of 8."""
         return cls(d_model=128, n_heads=n_heads, block_size=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """A GPT made of the same Pre-LN blocks: embeddings, n_layers blocks, final LayerNorm, LM head."""
+
+    vocab_size: int = 256  # bytes: the training scripts are byte-level, so no tokenizer is needed
+    block_size: int = 64  # context length; also the size of the position embedding table
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    bias: bool = True
+    ln_eps: float = 1e-5
+    gelu_approximate: GeluApprox = "none"
+    attn_impl: AttnImpl = "fused"
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0  # also applied to the embedding sum, as in GPT-2
+    init_std: float = 0.02
+    tie_embeddings: bool = True  # LM head reuses the token embedding (GPT-2); False: its own matrix
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("vocab_size", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            problems.append(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        if problems:
+            raise ValueError("invalid GPTConfig: " + "; ".join(problems))
+        self.block_config()  # validates the fields it shares with BlockConfig
+
+    def block_config(self) -> BlockConfig:
+        shared = {f.name for f in dataclasses.fields(BlockConfig)}
+        return BlockConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in shared})
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields: {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def gpt2_124m(cls) -> "GPTConfig":
+        """GPT-2 small's shape, with nanoGPT's vocabulary padded to a multiple of 64."""
+        return cls(vocab_size=50304, block_size=1024, n_layers=12, d_model=768, n_heads=12)

@@ -15,7 +15,7 @@ import enum
 
 import numpy as np
 
-from twin_common import BlockConfig
+from twin_common import BlockConfig, GPTConfig
 
 FlaxPath = tuple  # of str (attribute names) and int (list indices), e.g. ("attn", "q_proj", "kernel")
 
@@ -48,6 +48,12 @@ class ParamSpec:
     @property
     def flax_shape(self) -> tuple[int, ...]:
         return self.transform.flax_shape(self.torch_shape)
+
+    @property
+    def decay(self) -> bool:
+        """Whether AdamW decays it: matrices (Linear weights, embeddings) yes; biases and LayerNorm
+        parameters no (GPT-2 / nanoGPT's rule). Both optimizers build their masks from this."""
+        return len(self.torch_shape) >= 2
 
 
 ID, T = Transform.IDENTITY, Transform.TRANSPOSE
@@ -88,8 +94,29 @@ def block_table(
     )
 
 
+def gpt_table(cfg: GPTConfig) -> tuple[ParamSpec, ...]:
+    """Rows for the GPT: embeddings, every block (the block's rows under "blocks.i."), final
+    LayerNorm and, when not tied to the token embedding, the LM head."""
+    V, T_, C = cfg.vocab_size, cfg.block_size, cfg.d_model
+    bc = cfg.block_config()
+    rows = [
+        ParamSpec("wte.weight", ("wte", "embedding"), ID, (V, C)),  # both store (vocab, C)
+        ParamSpec("wpe.weight", ("wpe", "embedding"), ID, (T_, C)),
+    ]
+    for i in range(cfg.n_layers):
+        rows += block_table(bc, f"blocks.{i}.", ("blocks", i))
+    rows.append(ParamSpec("ln_f.weight", ("ln_f", "scale"), ID, (C,)))
+    if cfg.bias:
+        rows.append(ParamSpec("ln_f.bias", ("ln_f", "bias"), ID, (C,)))
+    if not cfg.tie_embeddings:
+        rows.append(ParamSpec("lm_head.weight", ("lm_head", "kernel"), T, (V, C)))
+    return tuple(rows)
+
+
 def table_for(cfg) -> tuple[ParamSpec, ...]:
     """The conversion table for a model built from ``cfg``."""
     if isinstance(cfg, BlockConfig):
         return block_table(cfg)
+    if isinstance(cfg, GPTConfig):
+        return gpt_table(cfg)
     raise TypeError(f"no conversion table for config type {type(cfg).__name__}")

@@ -1,0 +1,314 @@
+"""Training parity: gradients, AdamW trajectories and cross-framework resume.
+
+Every check starts both twins from one initialisation moved by the converter (never two RNGs that
+happen to agree), feeds them the same batches, and compares in torch layout through the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+import weight_conversion as wc
+from parity_tests import harness as h
+from parity_tests.harness import Result
+from twin_common import BlockConfig, GPTConfig
+from twin_common.precision import matched_precision
+from twin_common.tolerances import tolerance_for
+from twin_common.train_config import TrainConfig
+from weight_conversion.table import table_for
+
+# Small enough for 2 CPU cores, with every kind of parameter: tied embeddings, several blocks.
+SMALL_GPT = GPTConfig(vocab_size=64, block_size=16, n_layers=2, d_model=32, n_heads=4)
+TRAJECTORY = TrainConfig(steps=20, batch_size=4, seq_len=16, lr=3e-3, min_lr=3e-4, warmup_steps=5)
+TRAIN_TOLERANCE = 1e-5  # issue 3's bound, float32 on CPU: per-step loss rel diff and final params
+# The key bias adds q . b_k to every score in a row, and softmax ignores a constant added to a row:
+# its exact gradient is 0 and its value changes no output. In float32 its gradient is rounding noise
+# (~1e-10), which Adam divides by its own RMS, so each framework moves it by a different random walk
+# of size ~lr: measured 1.8e-5 apart after 20 steps while every other parameter stays within 7.2e-7.
+# Parameter parity is meaningless for it; test_train.py checks that it really changes no output.
+OUTPUT_INVARIANT_SUFFIXES = ("attn.k_proj.bias",)
+
+
+def token_batch(cfg: GPTConfig, batch: int, seq: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) for ``step``: a pure function of (seed, step), identical for both twins."""
+    tokens = np.random.default_rng([seed, step]).integers(0, cfg.vocab_size, (batch, seq + 1))
+    return tokens[:, :-1].astype(np.int64), tokens[:, 1:].astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------- builders
+
+
+def new_torch_gpt(cfg: GPTConfig, dtype: str, seed: int):
+    import torch
+
+    from torch_impl.gpt import GPT
+
+    torch.manual_seed(seed)
+    return GPT(cfg).to(dtype=getattr(torch, dtype))
+
+
+def new_flax_gpt(cfg: GPTConfig, dtype: str, seed: int):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_impl.gpt import GPT
+
+    return GPT(cfg, param_dtype=getattr(jnp, dtype), rngs=nnx.Rngs(seed))
+
+
+def converted_pair(cfg, dtype: str, direction: str, seed: int = 0):
+    """(torch model, flax model) with the same weights, moved in ``direction``."""
+    if isinstance(cfg, BlockConfig):
+        t = h.new_torch_block(cfg, dtype, "cpu", seed)
+        j = h.new_flax_block(cfg, dtype, h.jax_devices()["cpu"], seed + 100)
+    else:
+        t, j = new_torch_gpt(cfg, dtype, seed), new_flax_gpt(cfg, dtype, seed + 100)
+    if direction == "torch->jax":
+        wc.torch_to_flax(t, j)
+    else:
+        wc.flax_to_torch(j, t)
+    return t, j
+
+
+# ------------------------------------------------------------------------------------------- grads
+
+
+def _torch_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_gpt: bool):
+    import torch
+
+    from torch_impl.gpt import loss_fn
+    from weight_conversion.torch_side import numpy_to_tensor, tensor_to_numpy
+
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    x = numpy_to_tensor(inputs)
+    if is_gpt:
+        loss = loss_fn(model(x), numpy_to_tensor(cotangent_or_targets))
+    else:
+        x.requires_grad_(True)
+        loss = (model(x) * numpy_to_tensor(cotangent_or_targets)).sum()
+    loss.backward()
+    grads = {k: tensor_to_numpy(p.grad) for k, p in model.named_parameters()}
+    if not is_gpt:
+        grads["input"] = tensor_to_numpy(x.grad)
+    return grads
+
+
+def _flax_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_gpt: bool):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_impl.gpt import loss_fn
+    from jax_impl.train import flax_path
+
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x, other = jnp.asarray(inputs), jnp.asarray(cotangent_or_targets)
+
+    def loss_of(p, x):
+        m = nnx.merge(graphdef, p, rest)
+        return loss_fn(m(x), other) if is_gpt else (m(x) * other).sum()
+
+    if is_gpt:
+        g_params, g_x = jax.jit(jax.grad(loss_of))(params, x), None
+    else:
+        g_params, g_x = jax.jit(jax.grad(loss_of, argnums=(0, 1)))(params, x)
+    by_path = {spec.flax_path: spec for spec in table_for(model.cfg)}
+    grads = {}
+    for kp, leaf in jax.tree_util.tree_leaves_with_path(g_params):
+        spec = by_path[flax_path(kp)]
+        grads[spec.torch_key] = spec.transform.to_torch(np.asarray(leaf))
+    if g_x is not None:
+        grads["input"] = np.asarray(g_x)
+    return grads
+
+
+def grad_check(model: str, dtype: str, direction: str, seed: int = 0) -> Result:
+    """Every parameter gradient (and, for the block, the input gradient) of both twins."""
+    import jax
+
+    is_gpt = model == "gpt"
+    cfg = SMALL_GPT if is_gpt else BlockConfig.lesson(4)
+    with matched_precision(x64=dtype == "float64"):
+        t, j = converted_pair(cfg, dtype, direction, seed)
+        if is_gpt:
+            inputs, other = token_batch(cfg, 4, cfg.block_size, seed, 0)
+            j_inputs, j_other = inputs.astype(np.int32), other.astype(np.int32)
+        else:
+            inputs = h.make_input(h.LESSON_SHAPE, dtype, seed)
+            other = h.make_input(h.LESSON_SHAPE, dtype, seed + 1)  # a fixed cotangent
+            j_inputs, j_other = inputs, other
+        g_t = _torch_grads(t, inputs, other, is_gpt)
+        with jax.default_device(h.jax_devices()["cpu"]):
+            g_j = _flax_grads(j, j_inputs, j_other, is_gpt)
+    ref, got = (g_t, g_j) if direction == "torch->jax" else (g_j, g_t)
+    tol = tolerance_for(dtype)
+    order = (["input"] if "input" in ref else []) + [s.torch_key for s in table_for(cfg)]
+    worst, peak, first = 0.0, 0.0, None
+    for key in order:
+        a, b = ref[key].astype(np.float64), got[key].astype(np.float64)
+        err = float(np.max(np.abs(a - b)))
+        if not err <= tol.bound(a) and first is None:
+            first = key
+        worst, peak = max(worst, err), max(peak, float(np.max(np.abs(a))))
+    worst_rel = worst / peak if peak else float(worst != 0)  # against the largest gradient
+    shape = list(h.LESSON_SHAPE) if not is_gpt else [4, cfg.block_size]
+    return Result(
+        "grad", shape, dtype, "cpu", "cpu", direction, worst, worst_rel, tol.atol or 0.0,
+        first is None, first, config={"model": model, **dataclasses.asdict(cfg)},
+    )  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+class TorchRun:
+    """A torch model + AdamW taking steps on the shared batches."""
+
+    def __init__(self, model, tcfg: TrainConfig):
+        from torch_impl.train import make_optimizer
+
+        self.model, self.tcfg = model.train(), tcfg
+        self.optimizer = make_optimizer(model, tcfg)
+
+    def step(self, step: int) -> float:
+        from torch_impl.train import train_step
+        from weight_conversion.torch_side import numpy_to_tensor
+
+        x, y = token_batch(self.model.cfg, self.tcfg.batch_size, self.tcfg.seq_len, self.tcfg.seed, step)
+        loss, _ = train_step(self.model, self.optimizer, numpy_to_tensor(x), numpy_to_tensor(y), self.tcfg, step)
+        return float(loss)
+
+    def export(self):
+        from weight_conversion.optim_state import export_torch_optimizer
+
+        arrays, step = export_torch_optimizer(self.model, self.optimizer)
+        return wc.export(self.model), arrays, step
+
+    def load(self, weights, optim, step):
+        from weight_conversion.optim_state import import_torch_optimizer
+
+        wc.import_(self.model, weights)
+        import_torch_optimizer(self.model, self.optimizer, optim, step)
+
+
+class FlaxRun:
+    """A Flax model split for a jitted optax step on the shared batches."""
+
+    def __init__(self, model, tcfg: TrainConfig):
+        from jax_impl.train import make_optimizer, make_train_step, split
+
+        self.cfg, self.tcfg, self.model = model.cfg, tcfg, model
+        self.tx = make_optimizer(model, tcfg)
+        self.graphdef, self.params, self.rest = split(model)
+        self.opt_state = self.tx.init(self.params)
+        self._step = make_train_step(self.graphdef, self.tx)
+
+    def step(self, step: int) -> float:
+        import jax.numpy as jnp
+
+        x, y = token_batch(self.cfg, self.tcfg.batch_size, self.tcfg.seq_len, self.tcfg.seed, step)
+        self.params, self.opt_state, self.rest, loss, _ = self._step(
+            self.params, self.opt_state, self.rest, jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)
+        )
+        return float(loss)
+
+    def sync(self):
+        from flax import nnx
+
+        nnx.update(self.model, self.params, self.rest)
+
+    def export(self):
+        from weight_conversion.optim_state import export_optax_state
+
+        self.sync()
+        arrays, step = export_optax_state(self.cfg, self.opt_state)
+        return wc.export(self.model), arrays, step
+
+    def load(self, weights, optim, step):
+        from jax_impl.train import split
+        from weight_conversion.optim_state import import_optax_state
+
+        self.sync()
+        wc.import_(self.model, weights)
+        _, self.params, self.rest = split(self.model)
+        self.opt_state = import_optax_state(self.cfg, self.tx.init(self.params), optim, step)
+
+
+def _run(framework: str, model, tcfg):
+    return TorchRun(model, tcfg) if framework == "torch" else FlaxRun(model, tcfg)
+
+
+def _compare_weights(a: dict, b: dict) -> tuple[float, str | None]:
+    worst, first = 0.0, None
+    for key in a:
+        if key.endswith(OUTPUT_INVARIANT_SUFFIXES):
+            continue
+        err = float(np.max(np.abs(a[key].astype(np.float64) - b[key].astype(np.float64))))
+        if not err <= TRAIN_TOLERANCE and first is None:
+            first = key
+        worst = max(worst, err)
+    return worst, first
+
+
+def trajectory_check(direction: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0) -> tuple[Result, dict]:
+    """Both twins train ``tcfg.steps`` steps from one converted init: per-step loss relative
+    difference and final parameters, both within TRAIN_TOLERANCE."""
+    with matched_precision():
+        t, j = converted_pair(SMALL_GPT, "float32", direction, seed)
+        runs = {"torch": TorchRun(t, tcfg), "jax": FlaxRun(j, tcfg)}
+        losses = {name: [run.step(s) for s in range(tcfg.steps)] for name, run in runs.items()}
+        weights = {name: run.export()[0] for name, run in runs.items()}
+    ref_name, other = ("torch", "jax") if direction == "torch->jax" else ("jax", "torch")
+    rel = [abs(a - b) / abs(a) for a, b in zip(losses[ref_name], losses[other])]
+    w_err, w_first = _compare_weights(weights[ref_name], weights[other])
+    bad_step = next((s for s, r in enumerate(rel) if not r <= TRAIN_TOLERANCE), None)
+    first = f"loss at step {bad_step}" if bad_step is not None else w_first
+    result = Result(
+        "train_step", [tcfg.batch_size, tcfg.seq_len], "float32", "cpu", "cpu", direction,
+        w_err, max(rel), TRAIN_TOLERANCE, first is None, first,
+        config={"model": "gpt", "steps": tcfg.steps, **dataclasses.asdict(SMALL_GPT)},
+    )  # fmt: skip
+    return result, losses
+
+
+def resume_check(first: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0, path: str | None = None) -> Result:
+    """Train half the steps in ``first``, save weights + AdamW state to one safetensors file, resume
+    in the other framework for the rest; compare with an uninterrupted run in the second one."""
+    import os
+    import tempfile
+
+    from weight_conversion.checkpoint import load_checkpoint, save_checkpoint
+
+    second = "jax" if first == "torch" else "torch"
+    half = tcfg.steps // 2
+    direction = f"{first}->{second}"
+    with matched_precision(), tempfile.TemporaryDirectory() as tmp:
+        t, j = converted_pair(SMALL_GPT, "float32", "torch->jax", seed)
+        t2, j2 = converted_pair(SMALL_GPT, "float32", "torch->jax", seed)
+        a = _run(first, t if first == "torch" else j, tcfg)
+        for s in range(half):
+            a.step(s)
+        ckpt = path or os.path.join(tmp, "resume.safetensors")
+        weights, optim, step = a.export()
+        save_checkpoint(ckpt, SMALL_GPT, weights, optim, step, {"framework": first})
+        b = _run(second, t2 if second == "torch" else j2, tcfg)
+        weights, optim, meta = load_checkpoint(ckpt, SMALL_GPT)
+        b.load(weights, optim, meta["step"])
+        resumed_losses = [b.step(s) for s in range(half, tcfg.steps)]
+        resumed = b.export()[0]
+        tt, jj = converted_pair(SMALL_GPT, "float32", "torch->jax", seed)
+        straight = _run(second, tt if second == "torch" else jj, tcfg)
+        straight_losses = [straight.step(s) for s in range(tcfg.steps)][half:]
+        uninterrupted = straight.export()[0]
+    rel = max(abs(a_ - b_) / abs(a_) for a_, b_ in zip(straight_losses, resumed_losses))
+    w_err, w_first = _compare_weights(uninterrupted, resumed)
+    passed = rel <= TRAIN_TOLERANCE and w_first is None
+    return Result(
+        "resume", [tcfg.batch_size, tcfg.seq_len], "float32", "cpu", "cpu", direction,
+        w_err, rel, TRAIN_TOLERANCE, passed, None if passed else (w_first or "loss after resume"),
+        config={"model": "gpt", "steps": tcfg.steps, "resumed_at": half},
+    )  # fmt: skip
