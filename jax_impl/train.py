@@ -73,7 +73,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, compute_dtype=No
         def loss_of(p):
             if compute_dtype is not None:
                 p = jax.tree.map(lambda a: a.astype(compute_dtype), p)
-            model = nnx.merge(graphdef, p, rest)
+            # Fresh Variables for the RNG state inside this trace: NNX refuses to mutate (advance a
+            # dropout RNG) a Variable that was created at an outer trace level.
+            model = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, rest))
             loss = loss_fn(model(x), y)
             return loss, nnx.state(model, nnx.Not(nnx.Param))  # dropout RNG state moves on
 
@@ -97,3 +99,74 @@ def make_eval_loss(graphdef):
 
 def to_numpy_tree(tree) -> dict:
     return {flax_path(kp): np.asarray(leaf) for kp, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+class Trainer:
+    """A GPT split for the jitted step, its optax state and the step counter: what the training
+    script drives. Twin of torch_impl.train.Trainer (same methods, same arguments, NumPy in and out)."""
+
+    def __init__(self, model: GPT, tcfg: TrainConfig, *, compile: bool = True, bf16: bool = False):
+        del compile  # always jax.jit-compiled; the flag exists for the torch twin's torch.compile
+        self.model, self.tcfg = model, tcfg
+        model.train()
+        self.tx = make_optimizer(model, tcfg)
+        self.graphdef, self.params, self.rest = split(model)
+        self.opt_state = self.tx.init(self.params)
+        self._train_step = make_train_step(self.graphdef, self.tx, jnp.bfloat16 if bf16 else None)
+        self._eval_loss = make_eval_loss(self.graphdef)
+        self.step_count = 0
+
+    def step(self, x, y) -> tuple[jax.Array, jax.Array]:
+        """One optimizer step on NumPy token arrays; returns device scalars (no host sync)."""
+        self.params, self.opt_state, self.rest, loss, norm = self._train_step(
+            self.params, self.opt_state, self.rest, jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)
+        )
+        self.step_count += 1
+        return loss, norm
+
+    def eval_loss(self, x, y) -> float:
+        return float(self._eval_loss(self.params, self.rest, jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)))
+
+    def sync_model(self) -> GPT:
+        """Write the trained arrays back into the nnx.Module (the jitted step works on copies)."""
+        nnx.update(self.model, self.params, self.rest)
+        return self.model
+
+    def state(self) -> tuple[dict, dict, int]:
+        """(weights, optimizer moments, step) in the interchange layout."""
+        import weight_conversion as wc
+        from weight_conversion.optim_state import export_optax_state
+
+        optim, _ = export_optax_state(self.model.cfg, self.opt_state)
+        return wc.export(self.sync_model()), optim, self.step_count
+
+    def load(self, weights: dict, optim: dict, step: int) -> None:
+        import weight_conversion as wc
+        from weight_conversion.optim_state import import_optax_state
+
+        wc.import_(self.sync_model(), weights)
+        _, self.params, self.rest = split(self.model)
+        self.opt_state = import_optax_state(self.model.cfg, self.tx.init(self.params), optim, step)
+        self.step_count = step
+
+    def rng_state(self) -> dict:
+        keys = nnx.state(self.sync_model(), nnx.RngKey)
+        return {"jax_rng": {"/".join(map(str, flax_path(kp))): np.asarray(jax.random.key_data(k)).tolist()
+                            for kp, k in jax.tree_util.tree_leaves_with_path(keys)}}  # fmt: skip
+
+    def set_rng_state(self, saved: dict) -> None:
+        if "jax_rng" not in saved:
+            return
+        model = self.sync_model()
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.RngKey)):
+            data = saved["jax_rng"].get("/".join(map(str, path)))
+            if data is not None:
+                var.set_value(jax.random.wrap_key_data(jnp.asarray(data, jnp.uint32)))
+        _, self.params, self.rest = split(model)
+
+    def sample(self, prompt: list[int], n_new: int, temperature: float = 0.8, seed: int = 0) -> list[int]:
+        from jax_impl.gpt import generate
+
+        tokens = generate(self.sync_model(), prompt, n_new, temperature, seed)
+        self.model.train()
+        return tokens

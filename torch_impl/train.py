@@ -53,3 +53,69 @@ def eval_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     loss = loss_fn(model(x), y)
     model.train(was_training)
     return loss
+
+
+class Trainer:
+    """A GPT, its AdamW and the step counter: what the training script drives. Twin of
+    jax_impl.train.Trainer (same methods, same arguments, NumPy in and out)."""
+
+    def __init__(self, model: GPT, tcfg: TrainConfig, *, compile: bool = False, bf16: bool = False):
+        self.model, self.tcfg = model.train(), tcfg
+        self.optimizer = make_optimizer(model, tcfg)
+        self.device = next(model.parameters()).device
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        # torch.compile traces the module on first call; the optimizer keeps the original parameters
+        self.forward_model = torch.compile(model) if compile else model
+        self.step_count = 0
+
+    def _tensor(self, a) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device, non_blocking=True)
+
+    def step(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on NumPy token arrays; returns device scalars (no host sync)."""
+        loss, norm = train_step(
+            self.forward_model, self.optimizer, self._tensor(x), self._tensor(y), self.tcfg,
+            self.step_count, self.autocast_dtype,
+        )  # fmt: skip
+        self.step_count += 1
+        return loss, norm
+
+    def eval_loss(self, x, y) -> float:
+        return float(eval_loss(self.forward_model, self._tensor(x), self._tensor(y)))
+
+    def state(self) -> tuple[dict, dict, int]:
+        """(weights, optimizer moments, step) in the interchange layout."""
+        import weight_conversion as wc
+        from weight_conversion.optim_state import export_torch_optimizer
+
+        optim, step = export_torch_optimizer(self.model, self.optimizer)
+        return wc.export(self.model), optim, self.step_count
+
+    def load(self, weights: dict, optim: dict, step: int) -> None:
+        import weight_conversion as wc
+        from weight_conversion.optim_state import import_torch_optimizer
+
+        wc.import_(self.model, weights)
+        import_torch_optimizer(self.model, self.optimizer, optim, step)
+        self.step_count = step
+
+    def rng_state(self) -> dict:
+        import base64
+
+        return {"torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+
+    def set_rng_state(self, saved: dict) -> None:
+        import base64
+
+        import numpy as np
+
+        if "torch_rng" in saved:
+            raw = np.frombuffer(base64.b64decode(saved["torch_rng"]), dtype=np.uint8).copy()
+            torch.set_rng_state(torch.from_numpy(raw))
+
+    def sample(self, prompt: list[int], n_new: int, temperature: float = 0.8, seed: int = 0) -> list[int]:
+        from torch_impl.gpt import generate
+
+        tokens = generate(self.model, prompt, n_new, temperature, seed)
+        self.model.train()
+        return tokens
