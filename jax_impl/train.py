@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from jax_impl.gpt import GPT, loss_fn
+from twin_common.checks import check_token_input
 from twin_common.train_config import TrainConfig
 from weight_conversion.table import table_for
 
@@ -45,8 +46,9 @@ def make_optimizer(model: GPT, tcfg: TrainConfig) -> optax.GradientTransformatio
     """Clipping, then AdamW with a decay mask built from the conversion table (matrices only)."""
     decay = {spec.flax_path: spec.decay for spec in table_for(model.cfg)}
     mask = lambda params: jax.tree_util.tree_map_with_path(lambda kp, _: decay[flax_path(kp)], params)  # noqa: E731
-    lrs = jnp.asarray(tcfg.lr_table(), dtype=jnp.float32)
-    schedule = lambda count: lrs[jnp.minimum(count, lrs.shape[0] - 1)]  # noqa: E731  the shared table
+    # the shared schedule as a table, one entry past the last step (= min_lr, as lr_at gives torch)
+    lrs = jnp.asarray(tcfg.lr_table(tcfg.steps + 1), dtype=jnp.float32)
+    schedule = lambda count: lrs[jnp.minimum(count, tcfg.steps)]  # noqa: E731
     adamw = optax.adamw(
         schedule, b1=tcfg.beta1, b2=tcfg.beta2, eps=tcfg.eps, eps_root=0.0,
         weight_decay=tcfg.weight_decay, mask=mask,
@@ -112,17 +114,27 @@ class Trainer:
         self.tx = make_optimizer(model, tcfg)
         self.graphdef, self.params, self.rest = split(model)
         self.opt_state = self.tx.init(self.params)
+        self._commit()
         self._train_step = make_train_step(self.graphdef, self.tx, jnp.bfloat16 if bf16 else None)
         self._eval_loss = make_eval_loss(self.graphdef)
         self.step_count = 0
 
     def step(self, x, y) -> tuple[jax.Array, jax.Array]:
         """One optimizer step on NumPy token arrays; returns device scalars (no host sync)."""
+        # the model's own id check cannot see values under jit: check the batch on the host
+        check_token_input(tuple(x.shape), x.dtype.name, self.model.cfg, (int(x.min()), int(x.max())))
         self.params, self.opt_state, self.rest, loss, norm = self._train_step(
             self.params, self.opt_state, self.rest, jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)
         )
         self.step_count += 1
         return loss, norm
+
+    def _commit(self) -> None:
+        """Place the state on the default device explicitly. Fresh arrays from nnx.split / tx.init
+        are uncommitted, the step's outputs committed, and jit compiles once for each kind: without
+        this the first two steps compile twice."""
+        device = jax.devices()[0]
+        self.params, self.opt_state, self.rest = jax.device_put((self.params, self.opt_state, self.rest), device)
 
     def eval_loss(self, x, y) -> float:
         return float(self._eval_loss(self.params, self.rest, jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)))
@@ -147,6 +159,7 @@ class Trainer:
         wc.import_(self.sync_model(), weights)
         _, self.params, self.rest = split(self.model)
         self.opt_state = import_optax_state(self.model.cfg, self.tx.init(self.params), optim, step)
+        self._commit()
         self.step_count = step
 
     def rng_state(self) -> dict:
@@ -163,6 +176,7 @@ class Trainer:
             if data is not None:
                 var.set_value(jax.random.wrap_key_data(jnp.asarray(data, jnp.uint32)))
         _, self.params, self.rest = split(model)
+        self._commit()
 
     def sample(self, prompt: list[int], n_new: int, temperature: float = 0.8, seed: int = 0) -> list[int]:
         from jax_impl.gpt import generate

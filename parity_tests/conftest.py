@@ -79,6 +79,21 @@ def jax_platform_params():
     ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The models here are tiny: with two torch threads on a 2-core machine that is also running
+    JAX's threads, a step took 0.4 to 16 s instead of 0.05 s (measured in test_train.py)."""
+    if not HAVE_TORCH:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_seed_state():
     """The harness seeds torch's global generator; leave it as each test found it."""

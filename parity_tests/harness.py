@@ -289,7 +289,7 @@ def roundtrip_check(cfg: BlockConfig, dtype: str, start: str, via_file: bool, se
             if not np.array_equal(value.view(bits), got[key].view(bits)):
                 first = first or f"{key} ({stage})"
                 diff = max(diff, np.finfo(np.float64).tiny)  # differing bits are never an error of 0
-            err = max(err, diff)
+            err = diff if diff != diff else max(err, diff)  # keep NaN, which max() would drop
     other = "jax" if start == "torch" else "torch"
     return Result(
         "roundtrip", [], dtype, "cpu", "cpu",

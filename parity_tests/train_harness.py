@@ -153,7 +153,7 @@ def grad_check(model: str, dtype: str, direction: str, seed: int = 0) -> Result:
         err = float(np.max(np.abs(a - b)))
         if not err <= tol.bound(a) and first is None:
             first = key
-        worst, peak = max(worst, err), max(peak, float(np.max(np.abs(a))))
+        worst, peak = _worse(worst, err), max(peak, float(np.max(np.abs(a))))
     worst_rel = worst / peak if peak else float(worst != 0)  # against the largest gradient
     shape = list(h.LESSON_SHAPE) if not is_gpt else [4, cfg.block_size]
     return Result(
@@ -165,81 +165,54 @@ def grad_check(model: str, dtype: str, direction: str, seed: int = 0) -> Result:
 # -------------------------------------------------------------------------------------- training
 
 
-class TorchRun:
-    """A torch model + AdamW taking steps on the shared batches."""
+class _Run:
+    """A Trainer fed the shared batches by step index."""
 
-    def __init__(self, model, tcfg: TrainConfig):
-        from torch_impl.train import make_optimizer
-
-        self.model, self.tcfg = model.train(), tcfg
-        self.optimizer = make_optimizer(model, tcfg)
+    def __init__(self, trainer, tcfg: TrainConfig):
+        self.trainer, self.tcfg = trainer, tcfg
 
     def step(self, step: int) -> float:
-        from torch_impl.train import train_step
-        from weight_conversion.torch_side import numpy_to_tensor
-
-        x, y = token_batch(self.model.cfg, self.tcfg.batch_size, self.tcfg.seq_len, self.tcfg.seed, step)
-        loss, _ = train_step(self.model, self.optimizer, numpy_to_tensor(x), numpy_to_tensor(y), self.tcfg, step)
-        return float(loss)
+        """Train on batch ``step``; the learning rate and Adam's bias correction follow the
+        trainer's own step count, which a resume restores (a wrong one shows up as divergence)."""
+        x, y = token_batch(self.trainer.model.cfg, self.tcfg.batch_size, self.tcfg.seq_len, self.tcfg.seed, step)
+        return float(self.trainer.step(x, y)[0])
 
     def export(self):
-        from weight_conversion.optim_state import export_torch_optimizer
-
-        arrays, step = export_torch_optimizer(self.model, self.optimizer)
-        return wc.export(self.model), arrays, step
+        return self.trainer.state()
 
     def load(self, weights, optim, step):
-        from weight_conversion.optim_state import import_torch_optimizer
+        self.trainer.load(weights, optim, step)
 
-        wc.import_(self.model, weights)
-        import_torch_optimizer(self.model, self.optimizer, optim, step)
+    def __getattr__(self, name):  # optimizer, opt_state, model, ...
+        return getattr(self.trainer, name)
 
 
-class FlaxRun:
-    """A Flax model split for a jitted optax step on the shared batches."""
+def TorchRun(model, tcfg: TrainConfig) -> _Run:  # noqa: N802  (reads like the class it wraps)
+    from torch_impl.train import Trainer
 
-    def __init__(self, model, tcfg: TrainConfig):
-        from jax_impl.train import make_optimizer, make_train_step, split
+    return _Run(Trainer(model, tcfg), tcfg)
 
-        self.cfg, self.tcfg, self.model = model.cfg, tcfg, model
-        self.tx = make_optimizer(model, tcfg)
-        self.graphdef, self.params, self.rest = split(model)
-        self.opt_state = self.tx.init(self.params)
-        self._step = make_train_step(self.graphdef, self.tx)
 
-    def step(self, step: int) -> float:
-        import jax.numpy as jnp
+def FlaxRun(model, tcfg: TrainConfig) -> _Run:  # noqa: N802
+    from jax_impl.train import Trainer
 
-        x, y = token_batch(self.cfg, self.tcfg.batch_size, self.tcfg.seq_len, self.tcfg.seed, step)
-        self.params, self.opt_state, self.rest, loss, _ = self._step(
-            self.params, self.opt_state, self.rest, jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)
-        )
-        return float(loss)
-
-    def sync(self):
-        from flax import nnx
-
-        nnx.update(self.model, self.params, self.rest)
-
-    def export(self):
-        from weight_conversion.optim_state import export_optax_state
-
-        self.sync()
-        arrays, step = export_optax_state(self.cfg, self.opt_state)
-        return wc.export(self.model), arrays, step
-
-    def load(self, weights, optim, step):
-        from jax_impl.train import split
-        from weight_conversion.optim_state import import_optax_state
-
-        self.sync()
-        wc.import_(self.model, weights)
-        _, self.params, self.rest = split(self.model)
-        self.opt_state = import_optax_state(self.cfg, self.tx.init(self.params), optim, step)
+    return _Run(Trainer(model, tcfg), tcfg)
 
 
 def _run(framework: str, model, tcfg):
     return TorchRun(model, tcfg) if framework == "torch" else FlaxRun(model, tcfg)
+
+
+def _worse(a: float, b: float) -> float:
+    """max() that keeps NaN (Python's max drops a NaN that is not its first argument)."""
+    return a if a != a else b if b != b else max(a, b)
+
+
+def _worst(values) -> float:
+    worst = 0.0
+    for v in values:
+        worst = _worse(worst, v)
+    return worst
 
 
 def _compare_weights(a: dict, b: dict) -> tuple[float, str | None]:
@@ -250,7 +223,7 @@ def _compare_weights(a: dict, b: dict) -> tuple[float, str | None]:
         err = float(np.max(np.abs(a[key].astype(np.float64) - b[key].astype(np.float64))))
         if not err <= TRAIN_TOLERANCE and first is None:
             first = key
-        worst = max(worst, err)
+        worst = _worse(worst, err)
     return worst, first
 
 
@@ -263,13 +236,13 @@ def trajectory_check(direction: str, tcfg: TrainConfig = TRAJECTORY, seed: int =
         losses = {name: [run.step(s) for s in range(tcfg.steps)] for name, run in runs.items()}
         weights = {name: run.export()[0] for name, run in runs.items()}
     ref_name, other = ("torch", "jax") if direction == "torch->jax" else ("jax", "torch")
-    rel = [abs(a - b) / abs(a) for a, b in zip(losses[ref_name], losses[other])]
+    rel = [abs(a - b) / abs(a) for a, b in zip(losses[ref_name], losses[other])]  # NaN stays NaN
     w_err, w_first = _compare_weights(weights[ref_name], weights[other])
     bad_step = next((s for s, r in enumerate(rel) if not r <= TRAIN_TOLERANCE), None)
     first = f"loss at step {bad_step}" if bad_step is not None else w_first
     result = Result(
         "train_step", [tcfg.batch_size, tcfg.seq_len], "float32", "cpu", "cpu", direction,
-        w_err, max(rel), TRAIN_TOLERANCE, first is None, first,
+        w_err, _worst(rel), TRAIN_TOLERANCE, first is None, first,
         config={"model": "gpt", "steps": tcfg.steps, **dataclasses.asdict(SMALL_GPT)},
     )  # fmt: skip
     return result, losses
@@ -304,7 +277,7 @@ def resume_check(first: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0, path
         straight = _run(second, tt if second == "torch" else jj, tcfg)
         straight_losses = [straight.step(s) for s in range(tcfg.steps)][half:]
         uninterrupted = straight.export()[0]
-    rel = max(abs(a_ - b_) / abs(a_) for a_, b_ in zip(straight_losses, resumed_losses))
+    rel = _worst(abs(a_ - b_) / abs(a_) for a_, b_ in zip(straight_losses, resumed_losses))
     w_err, w_first = _compare_weights(uninterrupted, resumed)
     passed = rel <= TRAIN_TOLERANCE and w_first is None
     return Result(

@@ -49,8 +49,9 @@ def check_token_input(shape: tuple[int, ...], dtype: str, cfg, value_range=None)
     """Raise ValueError unless token ids of this shape/dtype can go through a GPT of ``cfg``.
 
     ``value_range`` is (min, max) of the ids when the caller can see them (not under jax.jit, where
-    they are abstract); out-of-range ids matter because JAX clamps an out-of-bounds gather silently
-    where torch raises.
+    they are abstract). Out-of-range ids matter because torch raises on them while JAX's gather does
+    not: nnx.Embed returns NaN rows for ids >= vocab_size and wraps negative ids to the end of the
+    table. Under jit the JAX Trainer checks the NumPy batch before it goes to the device.
     """
     if len(shape) != 2:
         raise ValueError(f"expected token ids of shape (batch, seq), got rank {len(shape)} shape {tuple(shape)}")

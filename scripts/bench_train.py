@@ -1,0 +1,143 @@
+"""Training-step benchmark for both twins: ms/step, tokens/s and FLOP/s (nanoGPT's formula).
+
+    python -m scripts.bench_train                       # small model; CPU, or GPU when present
+    python -m scripts.bench_train --model gpt2 --bf16   # GPT-2 124M shape, 16 x 1024 tokens
+
+Each mode is warmed up (compilation excluded), then timed over --steps steps with the device
+synchronised around every step; the median is reported. Figures print, nothing is asserted: speed
+targets live here, not in the tests.
+FLOPs per token = 6 N + 12 L H Q T (N parameters without the position embedding, L layers,
+H heads, Q head size, T sequence length), as nanoGPT's estimate_mfu counts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch too
+
+import numpy as np  # noqa: E402
+
+from twin_common import GPTConfig  # noqa: E402
+from twin_common.train_config import TrainConfig  # noqa: E402
+
+MODELS = {
+    "small": (GPTConfig(vocab_size=256, block_size=64, n_layers=2, d_model=128, n_heads=4), 16),
+    "gpt2": (GPTConfig.gpt2_124m(), 16),
+}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int, n_params: int) -> float:
+    n = n_params - cfg.block_size * cfg.d_model  # without wpe, as nanoGPT counts
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.d_head * seq_len
+
+
+def time_steps(step, sync, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_torch(cfg, tcfg, batches, compile_: bool, bf16: bool, warmup: int, steps: int, device: str):
+    import torch
+
+    from torch_impl.gpt import GPT
+    from torch_impl.train import Trainer
+
+    torch.manual_seed(0)
+    trainer = Trainer(GPT(cfg).to(device), tcfg, compile=compile_, bf16=bf16)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    it = iter(range(10**9))
+
+    def step():
+        trainer.step(*batches[next(it) % len(batches)])
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = time_steps(step, sync, warmup, steps)
+    del trainer
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return times, n_params
+
+
+def bench_jax(cfg, tcfg, batches, bf16: bool, warmup: int, steps: int):
+    import jax
+    from flax import nnx
+
+    from jax_impl.gpt import GPT
+    from jax_impl.train import Trainer
+
+    trainer = Trainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg, bf16=bf16)
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(trainer.params))
+    it = iter(range(10**9))
+    last = []
+
+    def step():
+        last[:] = [trainer.step(*batches[next(it) % len(batches)])[0]]
+
+    times = time_steps(step, lambda: last and jax.block_until_ready(last[0]), warmup, steps)
+    return times, n_params
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--model", choices=sorted(MODELS), default="small")
+    p.add_argument("--batch-size", type=int, help="default: 16")
+    p.add_argument("--seq-len", type=int, help="default: the model's block_size")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights")
+    p.add_argument("--modes", nargs="+", default=["torch-eager", "torch-compile", "jax-jit"],
+                   choices=["torch-eager", "torch-compile", "jax-jit"])
+    args = p.parse_args(argv)
+
+    import jax
+    import torch
+
+    cfg, default_batch = MODELS[args.model]
+    batch = args.batch_size or default_batch
+    seq = args.seq_len or cfg.block_size
+    tcfg = TrainConfig(steps=args.warmup + args.steps + 1, batch_size=batch, seq_len=seq, warmup_steps=1)
+    rng = np.random.default_rng(0)
+    batches = [tuple(rng.integers(0, cfg.vocab_size, (2, batch, seq)).astype(np.int64)) for _ in range(4)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+    peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
+    print(f"model {args.model} ({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
+          f"vocab {cfg.vocab_size}), batch {batch} x {seq}, {'bf16' if args.bf16 else 'float32'}; "
+          f"torch {torch.__version__} on {gpu or 'cpu'}, jax {jax.__version__} on {jax.devices()[0].platform}",
+          file=sys.stderr)  # fmt: skip
+    rows = []
+    for mode in args.modes:
+        print(f"  {mode}: warming up and timing ...", file=sys.stderr, flush=True)
+        if mode.startswith("torch"):
+            times, n = bench_torch(cfg, tcfg, batches, mode == "torch-compile", args.bf16, args.warmup, args.steps, device)
+        else:
+            times, n = bench_jax(cfg, tcfg, batches, args.bf16, args.warmup, args.steps)
+        ms = statistics.median(times) * 1e3
+        tokens = batch * seq / (ms / 1e3)
+        tflops = tokens * flops_per_token(cfg, seq, n) / 1e12
+        rows.append((mode, f"{ms:.2f}", f"{tokens:,.0f}", f"{tflops:.3f}",
+                     f"{100 * tflops / peak:.1f}%" if peak else "-", f"{n / 1e6:.2f}M"))  # fmt: skip
+    headers = ("mode", "ms/step (median)", "tokens/s", "TFLOP/s", "MFU", "params")
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    for line in (headers, ["-" * w for w in widths], *rows):
+        print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
