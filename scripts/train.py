@@ -376,7 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, help="default: the model's block_size")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    # 3e-4: at 1e-3 training on the default corpus turns chaotic after ~110 steps (two float32 runs
+    # that differ only in rounding, torch against torch, drift apart by 1e-2); at 3e-4 the twins
+    # stay within 6e-6 for 300 steps and still reach 1.34 nats against a 3.22 unigram baseline.
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: %(default)s)")
     p.add_argument("--min-lr", type=float, help="end of the cosine decay (default: lr / 10)")
     p.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
