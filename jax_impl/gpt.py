@@ -50,7 +50,11 @@ class GPT(nnx.Module):
         check_token_input(tuple(idx.shape), dtype_name(idx.dtype), self.cfg, value_range)
         B, T = idx.shape
         pos = jnp.arange(T)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        # nnx.Embed fixes its output dtype when built (dtype=None means "the param dtype then"), so
+        # once the parameters are cast (bf16 compute) it would still return float32: follow the
+        # parameters explicitly. torch's nn.Embedding returns the weight's current dtype.
+        x = (self.wte(idx) + self.wpe(pos)).astype(self.wte.embedding[...].dtype)
+        x = self.drop(x)  # (B, T, C)
         inter = {"embed": x}
         for i, block in enumerate(self.blocks):
             x = block(x)

@@ -150,3 +150,17 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, framework):
     assert meta_a["step"] == meta_b["step"] == steps
     for key in a:
         assert np.array_equal(a[key], b[key]), f"{key} differs after kill at step {at} and resume"
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_bf16_mixed_precision_trains_with_float32_master_weights(tmp_path, framework):
+    """--bf16: bfloat16 compute (torch autocast / JAX cast of the parameters), float32 checkpoints."""
+    out = tmp_path / "run"
+    code = T.main(["--framework", framework, "--out", str(out), *FAST, "--steps", "12", "--lr", "3e-3",
+                   "--warmup", "2", "--bf16"])  # fmt: skip
+    assert code == 0
+    weights, _ = _final_weights(out)  # load_checkpoint insists on float32
+    assert all(v.dtype == np.float32 for v in weights.values())
+    losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl")]
+    assert len(losses) == 12 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < losses[0] - 0.1, f"bf16 training did not learn: {losses}"
