@@ -30,8 +30,23 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+class DictConfig:
+    """to_dict / from_dict for the frozen config dataclasses (checkpoints store configs as JSON)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+        return cls(**data)
+
+
 @dataclasses.dataclass(frozen=True)
-class BlockConfig:
+class BlockConfig(DictConfig):
     d_model: int = 128  # width of the residual stream; the lesson's (5, 8, 128) input
     n_heads: int = 4  # 1 is the single-head case of the lesson; d_model must divide evenly
     block_size: int = 64  # longest sequence accepted; longer input is a ValueError on both twins
@@ -81,17 +96,6 @@ class BlockConfig:
     def d_hidden(self) -> int:
         return self.mlp_ratio * self.d_model
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "BlockConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown BlockConfig fields: {unknown}")
-        return cls(**data)
-
     @classmethod
     def lesson(cls, n_heads: int = 1) -> "BlockConfig":
         """The original lesson's block: d_model 128, a single head, sequences of 8."""
@@ -99,7 +103,7 @@ class BlockConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(DictConfig):
     """A GPT made of the same Pre-LN blocks: embeddings, n_layers blocks, final LayerNorm, LM head."""
 
     vocab_size: int = 256  # bytes: the training scripts are byte-level, so no tokenizer is needed
@@ -136,17 +140,6 @@ class GPTConfig:
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_heads
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "GPTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig fields: {unknown}")
-        return cls(**data)
 
     @classmethod
     def gpt2_124m(cls) -> "GPTConfig":

@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from twin_common.config import DictConfig
+
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DictConfig):
     steps: int = 300  # optimizer steps; the cosine schedule ends here
     batch_size: int = 16
     seq_len: int = 64  # tokens per sequence; at most the model's block_size
@@ -56,13 +58,3 @@ class TrainConfig:
         """lr_at for steps 0..n-1 (default: every step), the one schedule both twins read."""
         return [self.lr_at(s) for s in range(self.steps if n is None else n)]
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {unknown}")
-        return cls(**data)
