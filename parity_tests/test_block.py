@@ -145,3 +145,15 @@ def test_pinned_defaults_differ_from_the_library_defaults():
     t = tb.Block(CFG)
     assert abs(t.attn.q_proj.weight.std().item() - CFG.init_std) < 0.003
     assert torch.all(t.attn.q_proj.bias == 0)
+
+
+def test_matched_precision_pins_inside_and_restores_outside():
+    from twin_common.precision import describe, matched_precision
+
+    before = describe()
+    with matched_precision(x64=True):
+        inside = describe()
+        assert jnp.ones(1, jnp.float64).dtype == jnp.float64
+    assert inside["torch_float32_matmul_precision"] == "highest"
+    assert inside["jax_default_matmul_precision"] == "highest" and inside["jax_enable_x64"]
+    assert describe() == before

@@ -36,6 +36,10 @@ def matched_precision(x64: bool = False):
             import torch
 
             before = torch.get_float32_matmul_precision()
+            matmul = torch.backends.cuda.matmul
+            cuda_before = getattr(matmul, "fp32_precision", None)  # torch >= 2.9's own TF32 switch
+            if cuda_before is not None:  # callbacks run last-in first-out: this one runs last
+                stack.callback(setattr, matmul, "fp32_precision", cuda_before)
             torch.set_float32_matmul_precision(MATMUL_PRECISION)  # also turns TF32 off for matmuls
             stack.callback(torch.set_float32_matmul_precision, before)
         if importlib.util.find_spec("jax") is not None:
