@@ -108,6 +108,8 @@ class Trainer:
     script drives. Twin of torch_impl.train.Trainer (same methods, same arguments, NumPy in and out)."""
 
     def __init__(self, model: GPT, tcfg: TrainConfig, *, compile: bool = True, bf16: bool = False):
+        """``bf16``: every parameter cast to bfloat16 inside the step, float32 master copies kept
+        (JAX's idiom; torch's twin uses autocast, which keeps LayerNorm in float32)."""
         del compile  # always jax.jit-compiled; the flag exists for the torch twin's torch.compile
         self.model, self.tcfg = model, tcfg
         model.train()
@@ -149,7 +151,9 @@ class Trainer:
         import weight_conversion as wc
         from weight_conversion.optim_state import export_optax_state
 
-        optim, _ = export_optax_state(self.model.cfg, self.opt_state)
+        optim, count = export_optax_state(self.model.cfg, self.opt_state)
+        if count != self.step_count:  # optax's own counter drives its bias correction and schedule
+            raise RuntimeError(f"optax is at step {count} but the trainer at {self.step_count}")
         return wc.export(self.sync_model()), optim, self.step_count
 
     def load(self, weights: dict, optim: dict, step: int) -> None:

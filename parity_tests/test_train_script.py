@@ -83,7 +83,7 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path, capsys):
     assert _run(out, "--steps", "2") == 0
     before = _snapshot(out)
     assert _run(out, "--steps", "2") == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds files of a run" in capsys.readouterr().err
     assert _snapshot(out) == before
 
 
@@ -164,3 +164,24 @@ def test_bf16_mixed_precision_trains_with_float32_master_weights(tmp_path, frame
     losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl")]
     assert len(losses) == 12 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < losses[0] - 0.1, f"bf16 training did not learn: {losses}"
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out, "--steps", "3") == 0
+    before = _snapshot(out)
+    assert T.main(["--framework", "jax", "--out", str(out), *FAST, "--steps", "3", "--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert _snapshot(out) == before
+
+
+def test_leftovers_of_a_crashed_run_are_not_appended_to(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 0, "loss": 5.0}\n{"step": 1, "lo')  # cut by a crash
+    before = _snapshot(out)
+    assert _run(out, "--steps", "2") == 2
+    assert "already holds files of a run (log.jsonl)" in capsys.readouterr().err
+    assert _snapshot(out) == before
+    assert _run(out, "--steps", "2", "--stop-at", "0") == 2
+    assert "--stop-at must be between 1" in capsys.readouterr().err

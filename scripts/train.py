@@ -73,6 +73,11 @@ class RunDir:
     def exists(self) -> bool:
         return os.path.exists(self.latest)
 
+    def leftovers(self) -> list[str]:
+        """Files of an earlier run (one may have crashed before its first checkpoint)."""
+        names = ("latest.json", "log.jsonl", "ckpt", "compare.json")
+        return [n for n in names if os.path.exists(os.path.join(self.path, n))]
+
     def read_latest(self) -> dict:
         if not self.exists():
             raise RunError(f"{self.path} has no checkpoint to resume from (no latest.json)")
@@ -117,8 +122,14 @@ class RunDir:
         """Drop log lines past ``step`` (written after the checkpoint a crash left us with)."""
         if not os.path.exists(self.log):
             return
+        keep = []
         with open(self.log) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] < step]
+            for line in f:
+                try:
+                    if json.loads(line)["step"] < step:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                    continue
         with open(self.log + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(self.log + ".tmp", self.log)
@@ -200,12 +211,19 @@ def train_one(args) -> int:
     text, data_info = load_data(args)
     train, val = D.split(text, tcfg.seq_len)
     run = RunDir(args.out)
+    if args.stop_at is not None and not 1 <= args.stop_at <= tcfg.steps:
+        raise RunError(f"--stop-at must be between 1 and --steps={tcfg.steps}, got {args.stop_at}")
+    stop = tcfg.steps if args.stop_at is None else args.stop_at
     if args.resume:
         latest = run.read_latest()
-    elif run.exists():
+        if latest["step"] >= stop:
+            print(f"nothing to do: {args.out} is already at step {latest['step']} "
+                  f"(stopping point {stop}); its checkpoint is left as it is")  # fmt: skip
+            return 0
+    elif run.leftovers():
         raise RunError(
-            f"{args.out} already holds a run (latest.json); pass --resume to continue it or "
-            f"choose another --out"
+            f"{args.out} already holds files of a run ({', '.join(run.leftovers())}); pass "
+            f"--resume to continue it, or choose another --out"
         )
     trainer = make_trainer(args.framework, model_cfg, tcfg, args)
     if args.resume:
@@ -235,7 +253,6 @@ def train_one(args) -> int:
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     loss, last_val = float("nan"), float("nan")
     with _progress(tcfg.steps, trainer.step_count, args.quiet, args.framework) as bar:
-        stop = min(tcfg.steps, args.stop_at or tcfg.steps)
         while trainer.step_count < stop:
             step = trainer.step_count
             start = time.perf_counter()

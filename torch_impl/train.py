@@ -60,6 +60,9 @@ class Trainer:
     jax_impl.train.Trainer (same methods, same arguments, NumPy in and out)."""
 
     def __init__(self, model: GPT, tcfg: TrainConfig, *, compile: bool = False, bf16: bool = False):
+        """``bf16``: torch.autocast, torch's idiom (matmuls in bf16; LayerNorm, softmax and the loss in
+        float32). The JAX twin casts every parameter instead, its idiom: the two mixed-precision
+        modes are not numerically twins, and parity is proven in float32."""
         self.model, self.tcfg = model.train(), tcfg
         self.optimizer = make_optimizer(model, tcfg)
         self.device = next(model.parameters()).device
@@ -89,6 +92,8 @@ class Trainer:
         from weight_conversion.optim_state import export_torch_optimizer
 
         optim, step = export_torch_optimizer(self.model, self.optimizer)
+        if step != self.step_count:  # AdamW's own counter drives its bias correction
+            raise RuntimeError(f"AdamW is at step {step} but the trainer at {self.step_count}")
         return wc.export(self.model), optim, self.step_count
 
     def load(self, weights: dict, optim: dict, step: int) -> None:
@@ -100,18 +105,29 @@ class Trainer:
         self.step_count = step
 
     def rng_state(self) -> dict:
+        """torch's generators (CPU, and every CUDA device's) as text for the checkpoint's metadata."""
         import base64
 
-        return {"torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+        def text(state: torch.Tensor) -> str:
+            return base64.b64encode(state.numpy().tobytes()).decode()
+
+        saved = {"torch_rng": text(torch.get_rng_state())}
+        if torch.cuda.is_available():
+            saved["torch_cuda_rng"] = [text(s) for s in torch.cuda.get_rng_state_all()]
+        return saved
 
     def set_rng_state(self, saved: dict) -> None:
         import base64
 
         import numpy as np
 
+        def tensor(text: str) -> torch.Tensor:
+            return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
         if "torch_rng" in saved:
-            raw = np.frombuffer(base64.b64decode(saved["torch_rng"]), dtype=np.uint8).copy()
-            torch.set_rng_state(torch.from_numpy(raw))
+            torch.set_rng_state(tensor(saved["torch_rng"]))
+        if "torch_cuda_rng" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([tensor(t) for t in saved["torch_cuda_rng"]])
 
     def sample(self, prompt: list[int], n_new: int, temperature: float = 0.8, seed: int = 0) -> list[int]:
         from torch_impl.gpt import generate
