@@ -451,6 +451,30 @@ def check_flax_variable_api() -> Measurement:
     )
 
 
+def check_embed_dtype() -> Measurement:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_impl.gpt import GPT
+    from parity_tests.train_harness import SMALL_GPT
+
+    def to_bf16(model):
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params))
+        return model
+
+    idx = jnp.zeros((1, 4), jnp.int32)
+    embed = to_bf16(nnx.Embed(8, 4, rngs=nnx.Rngs(0)))  # built float32, then cast
+    gpt = to_bf16(GPT(SMALL_GPT, rngs=nnx.Rngs(0)))
+    _, inter = gpt(idx, return_intermediates=True)
+    return Measurement(
+        jnp.dtype(embed(idx).dtype).name,
+        jnp.dtype(inter["embed"].dtype).name,
+        "dtype of the embedding output after the parameters are cast to bfloat16",
+    )
+
+
 PITFALLS: tuple[Pitfall, ...] = (
     Pitfall(
         "layernorm-eps", "LayerNorm epsilon",
@@ -561,6 +585,14 @@ PITFALLS: tuple[Pitfall, ...] = (
         "The project reads and writes parameters only with [...], get_value() and set_value() "
         "(e.g. harness.new_flax_block, weight_conversion/flax_side.py).",
         check_flax_variable_api,
+    ),
+    Pitfall(
+        "embed-dtype", "nnx.Embed output dtype",
+        "nnx.Embed fixes its output dtype when it is built (dtype=None means the param dtype at "
+        "construction), so after casting the parameters for bfloat16 compute it still returns "
+        "float32; torch's nn.Embedding returns its weight's current dtype.",
+        "jax_impl/gpt.py casts the embedding sum to the parameters' current dtype.",
+        check_embed_dtype,
     ),
 )  # fmt: skip
 
