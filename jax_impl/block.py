@@ -17,6 +17,12 @@ from twin_common import BlockConfig, check_block_input
 
 INTERMEDIATES = ("ln_1", "attn", "resid_1", "ln_2", "mlp", "out")  # in the order they are computed
 
+# jax.nn.dot_product_attention's `implementation` for the fused path: None lets JAX choose, "xla"
+# or "cudnn" force one (cuDNN needs a GPU and fp16/bf16). torch picks its SDPA kernel per call by
+# itself (torch.nn.attention.sdpa_kernel restricts it), so the knob is JAX's alone and lives here,
+# not in the shared config. scripts.bench_train sets it with --jax-attention.
+ATTENTION_IMPLEMENTATION: str | None = None
+
 
 def dtype_name(dtype) -> str:
     return jnp.dtype(dtype).name
@@ -74,7 +80,9 @@ class CausalSelfAttention(nnx.Module):
         # 1.6e-7 max abs against a float64 softmax), so float64 would lose its precision.
         dropout_active = self.cfg.attn_dropout > 0 and not self.attn_dropout.deterministic
         if self.cfg.attn_impl == "fused" and not dropout_active and x.dtype != jnp.float64:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            y = jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, scale=self.scale, implementation=ATTENTION_IMPLEMENTATION
+            )
         else:
             y = self.math_attention(q, k, v)
         y = y.reshape(B, T, C)  # (B, T, C)

@@ -102,11 +102,16 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights")
     p.add_argument("--modes", nargs="+", default=["torch-eager", "torch-compile", "jax-jit"],
                    choices=["torch-eager", "torch-compile", "jax-jit"])
+    p.add_argument("--jax-attention", choices=["xla", "cudnn"],
+                   help="force jax.nn.dot_product_attention's implementation (default: JAX chooses)")
     args = p.parse_args(argv)
 
     import jax
     import torch
 
+    import jax_impl.block
+
+    jax_impl.block.ATTENTION_IMPLEMENTATION = args.jax_attention
     cfg, default_batch = MODELS[args.model]
     batch = args.batch_size or default_batch
     seq = args.seq_len or cfg.block_size
@@ -118,7 +123,8 @@ def main(argv=None) -> int:
     peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
     print(f"model {args.model} ({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
           f"vocab {cfg.vocab_size}), batch {batch} x {seq}, {'bf16' if args.bf16 else 'float32'}; "
-          f"torch {torch.__version__} on {gpu or 'cpu'}, jax {jax.__version__} on {jax.devices()[0].platform}",
+          f"torch {torch.__version__} on {gpu or 'cpu'}, jax {jax.__version__} on {jax.devices()[0].platform} "
+          f"(attention: {args.jax_attention or 'JAX chooses'})",
           file=sys.stderr)  # fmt: skip
     rows = []
     for mode in args.modes:
