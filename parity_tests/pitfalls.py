@@ -104,7 +104,7 @@ def _with_pinned_and_ignored(ignored_ctx: Callable[[], contextlib.AbstractContex
     return ignored, _twin_error(**kw)
 
 
-def _flax_layer_norm(**overrides):
+def flax_layer_norm(**overrides):
     """jax_impl.block.layer_norm with some of nnx.LayerNorm's own defaults let back in."""
     from flax import nnx
 
@@ -124,7 +124,7 @@ def check_layernorm_eps() -> Measurement:
 
     nnx_default_eps = 1e-6  # nnx.LayerNorm's default epsilon
     ignored, pinned = _with_pinned_and_ignored(
-        lambda: mock.patch.object(jb, "layer_norm", _flax_layer_norm(epsilon=nnx_default_eps))
+        lambda: mock.patch.object(jb, "layer_norm", flax_layer_norm(epsilon=nnx_default_eps))
     )
     return Measurement(ignored, pinned, FLOAT32_OUT)
 
@@ -142,7 +142,7 @@ def check_layernorm_fast_variance() -> Measurement:
 
     x = (FAST_VARIANCE_OFFSET + h.make_input(h.LESSON_SHAPE, "float64")).astype(np.float32)
     ignored, pinned = _with_pinned_and_ignored(
-        lambda: mock.patch.object(jb, "layer_norm", _flax_layer_norm(use_fast_variance=True)),
+        lambda: mock.patch.object(jb, "layer_norm", flax_layer_norm(use_fast_variance=True)),
         x=x, key="ln_1",
     )  # ln_1, not out: out carries the offset, whose float32 ulp would set the error
     return Measurement(

@@ -13,12 +13,12 @@ import json
 
 import jax
 import pytest
-from flax import nnx
 
 import jax_impl.block as jb
 import weight_conversion.flax_side
 import weight_conversion.torch_side
 from parity_tests import harness as h
+from parity_tests.pitfalls import flax_layer_norm
 from scripts import parity_report
 from twin_common import BlockConfig
 from weight_conversion.table import Transform, table_for
@@ -66,18 +66,9 @@ def test_wrong_table_entry_fails_at_its_sublayer(monkeypatch, case, direction):
     assert r.first_divergence == where
 
 
-def _flax_layer_norm(**overrides):
-    def layer_norm(cfg, *, param_dtype, rngs):
-        kwargs = dict(epsilon=cfg.ln_eps, use_fast_variance=False, use_bias=cfg.bias)
-        kwargs.update(overrides)
-        return nnx.LayerNorm(cfg.d_model, param_dtype=param_dtype, rngs=rngs, **kwargs)
-
-    return layer_norm
-
-
 def test_flax_default_layer_norm_eps_fails_at_ln_1(monkeypatch):
     """nnx.LayerNorm's own eps (1e-6 instead of 1e-5): 3e-6 at the output, but ln_1 is over 1e-5."""
-    monkeypatch.setattr(jb, "layer_norm", _flax_layer_norm(epsilon=1e-6))
+    monkeypatch.setattr(jb, "layer_norm", flax_layer_norm(epsilon=1e-6))
     r = h.forward_check(CFG, "float32", "torch->jax")
     assert not r.passed and r.first_divergence == "ln_1"
 
@@ -96,7 +87,7 @@ def test_flax_default_gelu_fails_at_mlp(monkeypatch):
 
 
 def test_report_exits_nonzero_and_names_the_sublayer(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(jb, "layer_norm", _flax_layer_norm(epsilon=1e-6))
+    monkeypatch.setattr(jb, "layer_norm", flax_layer_norm(epsilon=1e-6))
     out = tmp_path / "report.json"
     code = parity_report.main(["--json", str(out), "--dtypes", "float64", "--heads", "4", "--quiet"])
     assert code == 1
