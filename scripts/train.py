@@ -398,21 +398,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (checkpoints, log, plots)")
     p.add_argument("--data", help="a UTF-8 text file to train on (default: the generated corpus)")
     p.add_argument("--model", choices=sorted(MODELS), default="small", help="model size (default: small)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: %(default)s)")
     p.add_argument("--seq-len", type=int, help="default: the model's block_size")
     # 3e-4: at 1e-3 training on the default corpus turns chaotic after ~110 steps (two float32 runs
     # that differ only in rounding, torch against torch, drift apart by 1e-2); at 3e-4 the twins
     # stay within 6e-6 for 300 steps and still reach 1.34 nats against a 3.22 unigram baseline.
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: %(default)s)")
     p.add_argument("--min-lr", type=float, help="end of the cosine decay (default: lr / 10)")
-    p.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip; 0 disables")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps; 0: never")
-    p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps; 0: only at the end")
+    p.add_argument("--warmup", type=int, default=20, help="linear warmup steps (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices (default: %(default)s)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip; 0 disables (default: %(default)s)")
+    p.add_argument("--dropout", type=float, default=0.0, help="attention and residual dropout (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="init and batch order (default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps; 0: never (default: %(default)s)")
+    p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps; 0: only at the end (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--stop-at", type=int, metavar="STEP",
                    help="checkpoint and stop at STEP (the schedule still spans --steps); resume later, "
@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-matmul", action="store_true",
                    help="leave matmul precision at the frameworks' defaults (TF32 on GPU) instead of pinning")
     p.add_argument("--device", choices=["cpu", "cuda"], help="torch device (default: cuda if present)")
-    p.add_argument("--sample", type=int, default=200, help="bytes of text to sample at the end; 0: none")
+    p.add_argument("--sample", type=int, default=200, help="bytes of text to sample at the end; 0: none (default: %(default)s)")
     p.add_argument("--no-chaos-reference", dest="chaos_reference", action="store_false",
                    help="compare: skip the third run (torch with the other attention path: the same "
                         "function, other rounding) that measures how fast training amplifies rounding")
