@@ -135,7 +135,7 @@ class Trainer:
         """Place the state on the default device explicitly. Fresh arrays from nnx.split / tx.init
         are uncommitted, the step's outputs committed, and jit compiles once for each kind: without
         this the first two steps compile twice."""
-        device = jax.devices()[0]
+        device = jax.tree.leaves(self.params)[0].sharding  # where the model was built
         self.params, self.opt_state, self.rest = jax.device_put((self.params, self.opt_state, self.rest), device)
 
     def eval_loss(self, x, y) -> float:

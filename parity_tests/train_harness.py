@@ -50,12 +50,15 @@ def new_torch_gpt(cfg: GPTConfig, dtype: str, seed: int):
 
 
 def new_flax_gpt(cfg: GPTConfig, dtype: str, seed: int):
+    """On JAX's CPU device, like the torch twin here: training parity rows are CPU rows."""
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from jax_impl.gpt import GPT
 
-    return GPT(cfg, param_dtype=getattr(jnp, dtype), rngs=nnx.Rngs(seed))
+    with jax.default_device(h.jax_devices()["cpu"]):
+        return GPT(cfg, param_dtype=getattr(jnp, dtype), rngs=nnx.Rngs(seed))
 
 
 def converted_pair(cfg, dtype: str, direction: str, seed: int = 0):
