@@ -45,8 +45,10 @@ class GPT(nnx.Module):
             )  # fmt: skip
 
     def __call__(self, idx: jax.Array, return_intermediates: bool = False):
-        concrete = not isinstance(idx, jax.core.Tracer) and idx.size
-        value_range = (int(idx.min()), int(idx.max())) if concrete else None  # not under jit
+        try:  # the ids' values are only visible outside jit; under jit the Trainer checks them
+            value_range = (int(idx.min()), int(idx.max())) if idx.size else None
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+            value_range = None
         check_token_input(tuple(idx.shape), dtype_name(idx.dtype), self.cfg, value_range)
         B, T = idx.shape
         pos = jnp.arange(T)
