@@ -3,6 +3,7 @@ table from running the checks in parity_tests/pitfalls.py.
 
     python -m scripts.build_guide            # regenerate everything, measurements included
     python -m scripts.build_guide --check    # exit 1 if any code excerpt in docs/guide.md is stale
+    python -m scripts.build_guide --code-only  # refresh the excerpts, keep the measurements
 
 Directives in the template (HTML comments, so the template renders too):
     <!-- twin: block.CausalSelfAttention.__init__ -->   the object from torch_impl/block.py and
@@ -144,6 +145,8 @@ def stale_sections(committed: str, fresh: str) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="verify docs/guide.md is current; write nothing")
+    parser.add_argument("--code-only", action="store_true",
+                        help="refresh the code excerpts, keep the last measurements (no checks run)")
     args = parser.parse_args(argv)
     previous = open(OUTPUT).read() if os.path.exists(OUTPUT) else ""
     if args.check:
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
         return 0
     from twin_common.precision import matched_precision  # noqa: F401  (the checks pin it themselves)
 
-    text = build(measure=True, previous=previous)
+    text = build(measure=not args.code_only, previous=previous)
     tmp = OUTPUT + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
