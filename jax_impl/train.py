@@ -99,10 +99,6 @@ def make_eval_loss(graphdef):
     return eval_loss
 
 
-def to_numpy_tree(tree) -> dict:
-    return {flax_path(kp): np.asarray(leaf) for kp, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 class Trainer:
     """A GPT split for the jitted step, its optax state and the step counter: what the training
     script drives. Twin of torch_impl.train.Trainer (same methods, same arguments, NumPy in and out)."""

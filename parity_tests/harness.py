@@ -14,7 +14,6 @@ import os
 import tempfile
 from collections.abc import Iterable, Mapping
 
-import ml_dtypes
 import numpy as np
 
 import weight_conversion as wc

@@ -26,7 +26,6 @@ import weight_conversion as wc
 from parity_tests import harness as h
 from twin_common import BlockConfig
 from twin_common.precision import matched_precision
-from twin_common.reference import block_forward
 
 CFG = BlockConfig.lesson(4)
 FLOAT32_OUT = "max abs error of the block output (float32)"

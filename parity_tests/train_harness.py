@@ -79,8 +79,6 @@ def converted_pair(cfg, dtype: str, direction: str, seed: int = 0):
 
 
 def _torch_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_gpt: bool):
-    import torch
-
     from torch_impl.gpt import loss_fn
     from weight_conversion.torch_side import numpy_to_tensor, tensor_to_numpy
 

@@ -13,6 +13,7 @@ H heads, Q head size, T sequence length), as nanoGPT's estimate_mfu counts them.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -65,11 +66,7 @@ def bench_torch(cfg, tcfg, batches, compile_: bool, bf16: bool, warmup: int, ste
         trainer.step(*batches[next(it) % len(batches)])
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = time_steps(step, sync, warmup, steps)
-    del trainer
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return times, n_params
+    return time_steps(step, sync, warmup, steps), n_params
 
 
 def bench_jax(cfg, tcfg, batches, bf16: bool, warmup: int, steps: int):
@@ -131,6 +128,9 @@ def main(argv=None) -> int:
         print(f"  {mode}: warming up and timing ...", file=sys.stderr, flush=True)
         if mode.startswith("torch"):
             times, n = bench_torch(cfg, tcfg, batches, mode == "torch-compile", args.bf16, args.warmup, args.steps, device)
+            gc.collect()  # the trainer is gone: give its GPU memory back before the next mode
+            if device == "cuda":
+                torch.cuda.empty_cache()
         else:
             times, n = bench_jax(cfg, tcfg, batches, args.bf16, args.warmup, args.steps)
         ms = statistics.median(times) * 1e3

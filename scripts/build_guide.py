@@ -127,7 +127,7 @@ def build(measure: bool, previous: str = "") -> str:
         elif measure:
             body = render_pitfalls() if kind == "pitfalls" else render_built_on()
         else:
-            body = old.get(key, f"(not measured yet: run python -m scripts.build_guide)")
+            body = old.get(key, "(not measured yet: run python -m scripts.build_guide)")
         out.append(f"<!-- BEGIN {key} -->\n{body}\n<!-- END {key} -->")
     return "\n".join(out).rstrip() + "\n"
 
@@ -161,8 +161,6 @@ def main(argv=None) -> int:
             return 1
         print("docs/guide.md is current")
         return 0
-    from twin_common.precision import matched_precision  # noqa: F401  (the checks pin it themselves)
-
     text = build(measure=not args.code_only, previous=previous)
     tmp = OUTPUT + ".tmp"
     with open(tmp, "w") as f:
