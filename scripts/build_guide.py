@@ -162,10 +162,9 @@ def main(argv=None) -> int:
         print("docs/guide.md is current")
         return 0
     text = build(measure=not args.code_only, previous=previous)
-    tmp = OUTPUT + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, OUTPUT)
+    from weight_conversion.safetensors_io import write_atomic
+
+    write_atomic(OUTPUT, text.encode())
     print(f"wrote {os.path.relpath(OUTPUT, REPO)}")
     return 0
 

@@ -28,6 +28,7 @@ from twin_common import BlockConfig
 from twin_common.precision import describe as describe_precision
 from twin_common.precision import matched_precision
 from twin_common.tolerances import TOLERANCES
+from weight_conversion.safetensors_io import write_atomic
 
 HEAD_COUNTS = (1, 4)  # the lesson's single head, and several heads
 
@@ -172,10 +173,7 @@ def main(argv=None) -> int:
                "results": [r.to_json() for r in results]}  # fmt: skip
         folder = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(folder, exist_ok=True)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-        os.replace(tmp, args.json)
+        write_atomic(args.json, json.dumps(doc, indent=2).encode())
         print(f"wrote {args.json}")
     return 1 if failed else 0
 

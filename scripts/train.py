@@ -28,8 +28,10 @@ import numpy as np
 
 from twin_common import GPTConfig
 from twin_common import data as D
+from twin_common.config import config_differences
 from twin_common.precision import matched_precision
 from twin_common.train_config import TrainConfig
+from weight_conversion.safetensors_io import write_atomic
 
 MODELS = {
     "tiny": GPTConfig(vocab_size=256, block_size=32, n_layers=1, d_model=32, n_heads=2),
@@ -56,12 +58,7 @@ def _sha256(path: str) -> str:
 
 
 def _write_json_atomic(path: str, doc: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
 class RunDir:
@@ -130,9 +127,7 @@ class RunDir:
                         keep.append(line)
                 except (ValueError, KeyError, TypeError):  # a line cut short by a crash
                     continue
-        with open(self.log + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(self.log + ".tmp", self.log)
+        write_atomic(self.log, "".join(keep).encode())
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -230,10 +225,8 @@ def train_one(args) -> int:
         from weight_conversion.checkpoint import load_checkpoint
 
         weights, optim, meta = load_checkpoint(latest["path"], model_cfg)
-        problems = [
-            f"train config field {k!r} is {meta['train_config'].get(k)!r} in the checkpoint but {v!r} now"
-            for k, v in tcfg.to_dict().items() if meta["train_config"].get(k) != v
-        ]  # fmt: skip
+        problems = config_differences(meta["train_config"], tcfg.to_dict(), what="train config",
+                                      where=latest["path"])  # fmt: skip
         if meta["data"]["sha256"] != data_info["sha256"]:
             problems.append(f"the checkpoint was trained on {meta['data']['source']}, not on this data")
         if problems:

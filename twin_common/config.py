@@ -30,6 +30,16 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def config_differences(saved: dict, current: dict, *, what: str, where: str, ignore=frozenset()) -> list[str]:
+    """One message per field (outside ``ignore``) whose value in ``saved`` differs from ``current``;
+    a field present on one side only counts too."""
+    return [
+        f"{what} field {k!r} is {saved.get(k)!r} in {where} but {current.get(k)!r} here"
+        for k in sorted((set(saved) | set(current)) - set(ignore))
+        if saved.get(k) != current.get(k)
+    ]
+
+
 class DictConfig:
     """to_dict / from_dict for the frozen config dataclasses (checkpoints store configs as JSON)."""
 

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from twin_common.config import RUNTIME_FIELDS
+from twin_common.config import RUNTIME_FIELDS, config_differences
 from weight_conversion.safetensors_io import CheckpointError, load_file, save_file
 from weight_conversion.table import ParamSpec, Transform, block_table, table_for
 from weight_conversion.validate import FLOAT_DTYPES, ConversionError
@@ -92,12 +92,9 @@ def load(model, path: str | os.PathLike) -> dict[str, str]:
             problems.append(f"the file's config metadata is not a JSON object: {metadata['config'][:80]!r}")
         if isinstance(saved, dict):
             ours = model.cfg.to_dict()
-            for field in sorted((set(saved) | set(ours)) - RUNTIME_FIELDS):
-                if saved.get(field) != ours.get(field):
-                    problems.append(
-                        f"config field {field!r} is {saved.get(field)!r} in {os.fspath(path)} "
-                        f"but {ours.get(field)!r} in the model"
-                    )
+            problems += config_differences(
+                saved, ours, what="config", where=os.fspath(path), ignore=RUNTIME_FIELDS
+            )
     if problems:
         raise ConversionError(problems, f"checkpoint {os.fspath(path)}")
     try:

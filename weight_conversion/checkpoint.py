@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from twin_common.config import config_differences
 from weight_conversion.optim_state import check_optim_arrays
 from weight_conversion.safetensors_io import CheckpointError, load_file, save_file
 from weight_conversion.table import table_for
@@ -55,11 +56,7 @@ def load_checkpoint(path: str | os.PathLike, cfg) -> tuple[dict, dict, dict]:
         extra = json.loads(metadata.get("extra", "{}"))
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{where} has unreadable metadata: {e}") from None
-    problems = [
-        f"config field {k!r} is {saved_cfg.get(k)!r} in the checkpoint but {v!r} in this run"
-        for k, v in cfg.to_dict().items()
-        if saved_cfg.get(k) != v
-    ]
+    problems = config_differences(saved_cfg, cfg.to_dict(), what="config", where=where)
     if problems:
         raise ConversionError(problems, f"checkpoint {where}")
     weights = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}

@@ -112,7 +112,12 @@ def save_file(
     arrays: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write ``arrays`` to ``path`` atomically (temporary file, fsync, rename)."""
-    data = to_bytes(arrays, metadata)
+    write_atomic(path, to_bytes(arrays, metadata))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old file or the new one:
+    a temporary file in the same folder, flushed to disk, renamed over the target."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
