@@ -185,3 +185,11 @@ def test_leftovers_of_a_crashed_run_are_not_appended_to(tmp_path, capsys):
     assert _snapshot(out) == before
     assert _run(out, "--steps", "2", "--stop-at", "0") == 2
     assert "--stop-at must be between 1" in capsys.readouterr().err
+
+
+def test_progress_bar_shows_no_validation_loss_before_the_first_evaluation(tmp_path, capsys):
+    fast = [a for a in FAST if a != "--quiet"]
+    assert T.main(["--framework", "torch", "--out", str(tmp_path / "run"), *fast, "--steps", "2",
+                   "--eval-every", "2"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "val=-" in err and "val=nan" not in err
