@@ -350,11 +350,15 @@ def test_our_file_loads_in_safetensors_flax(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_file_bytes_match_reference_writer(dtype, tmp_path):
-    """Without metadata, wc.save_file writes the same bytes as safetensors.torch.save_file."""
+    """wc.save_file writes the same bytes as safetensors.torch.save_file given the same metadata
+    (here only the content hash wc.save_file adds)."""
     model = torch_block(dtype=dtype)
     ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
     wc.save_file(wc.export(model), ours)
-    safetensors.torch.save_file(model.state_dict(), theirs)
+    with safetensors.safe_open(ours, "np") as f:
+        metadata = f.metadata()
+    assert list(metadata) == [st_io.HASH_KEY]
+    safetensors.torch.save_file(model.state_dict(), theirs, metadata=metadata)
     assert ours.read_bytes() == theirs.read_bytes()
 
 
