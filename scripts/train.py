@@ -21,55 +21,146 @@ import os
 import sys
 import time
 
+import dataclasses
+
 from scripts.compare import compare as run_compare
-from scripts.run_folder import RunDir, RunError
-from scripts.trainers import MODELS, configs, load_data, make_trainer, progress, val_loss
+from scripts.run_folder import RunDir, RunError, check_extra
+from scripts.trainers import MODELS, configs, data_info, load_data, make_trainer, progress, val_loss
+from twin_common import GPTConfig
 from twin_common import data as D
-from twin_common.config import config_differences
+from twin_common.config import RUNTIME_FIELDS, config_differences
 from twin_common.precision import matched_precision
+from twin_common.train_config import TrainConfig
+from weight_conversion.checkpoint import read_checkpoint_metadata
 
 __all__ = ["MODELS", "RunDir", "RunError", "build_parser", "main", "train_one"]
 
 
-def train_one(args) -> int:
-    model_cfg, tcfg = configs(args)
-    text, data_info = load_data(args)
-    train, val = D.split(text, tcfg.seq_len)
+# Flags that set a TrainConfig field; on --resume each comes from the checkpoint unless given.
+TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
+               "min_lr": "min_lr", "warmup": "warmup_steps", "weight_decay": "weight_decay",
+               "grad_clip": "grad_clip", "seed": "seed"}  # fmt: skip
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def resume_plan(args, explicit: set[str], run: RunDir) -> dict:
+    """Everything a resume needs, checked, with the folder untouched: the configs come from the
+    checkpoint, and each flag the user gave must agree with it (a larger --steps extends a
+    finished run). Raises RunError naming every conflict."""
+    latest = run.read_latest()
+    try:
+        step, saved_cfg, extra = read_checkpoint_metadata(latest["path"])
+        model_cfg = GPTConfig.from_dict(saved_cfg)
+    except (ValueError, TypeError) as e:
+        raise RunError(f"checkpoint {latest['path']} cannot be resumed: {e}") from None
+    problems = check_extra(extra, step)
+    if problems:
+        raise RunError(f"checkpoint {latest['path']} cannot be resumed:\n  - " + "\n  - ".join(problems))
+    saved = TrainConfig.from_dict(extra["train_config"])
+    conflicts, changes = [], {}
+    if "model" in explicit:
+        wanted = dataclasses.replace(MODELS[args.model], attn_dropout=model_cfg.attn_dropout,
+                                     resid_dropout=model_cfg.resid_dropout)  # fmt: skip
+        conflicts += [f"--model {args.model}: {d}" for d in config_differences(
+            saved_cfg, wanted.to_dict(), what="config", where="the checkpoint", ignore=RUNTIME_FIELDS)]  # fmt: skip
+    if "dropout" in explicit and args.dropout != model_cfg.attn_dropout:
+        conflicts.append(f"--dropout {args.dropout} conflicts with the checkpoint's dropout {model_cfg.attn_dropout}")
+    for dest, field in TRAIN_FLAGS.items():
+        if dest not in explicit or getattr(args, dest) == getattr(saved, field):
+            continue
+        value, was = getattr(args, dest), getattr(saved, field)
+        if dest == "steps" and step == saved.steps and value > saved.steps:
+            changes["steps"] = value  # extend a finished run
+        elif dest == "steps" and step == saved.steps:
+            conflicts.append(f"--steps {value}: the run already finished its {saved.steps} steps; give "
+                             f"more to extend it")  # fmt: skip
+        else:
+            conflicts.append(f"{_flag(dest)} {value} conflicts with the checkpoint's train config field "
+                             f"{field!r} = {was!r}")  # fmt: skip
+    text, info = _resume_data(args, explicit, extra["data"], conflicts)
+    if conflicts:
+        raise RunError(f"cannot resume {args.out} (leave out a flag to take the checkpoint's value):\n  - "
+                       + "\n  - ".join(conflicts))  # fmt: skip
+    tcfg = dataclasses.replace(saved, **changes)
+    return {"latest": latest, "model_cfg": model_cfg, "tcfg": tcfg, "text": text, "data_info": info,
+            "extended_from": saved.steps if changes else None}  # fmt: skip
+
+
+def _resume_data(args, explicit, saved: dict, conflicts: list) -> tuple[bytes, dict]:
+    """The checkpoint's training text: --data if given, else the source it records; same sha256."""
+    if "data" in explicit:
+        text, info = load_data(args)
+        if info["sha256"] != saved["sha256"]:
+            conflicts.append(f"--data {args.data} is not the text the checkpoint was trained on ({saved['source']})")
+        return text, info
+    if saved["source"] == "generated":
+        text = D.generated_corpus()
+    else:
+        try:
+            text = D.load_text(saved["source"])
+        except ValueError as e:
+            raise RunError(f"the checkpoint was trained on {saved['source']}, which cannot be read now ({e}); "
+                           f"pass --data with the same text") from None  # fmt: skip
+    info = data_info(text, saved["source"])
+    if info["sha256"] != saved["sha256"]:
+        conflicts.append(f"{saved['source']} changed since the checkpoint was written (its sha256 differs)")
+    return text, info
+
+
+def train_one(args, explicit: set[str] = frozenset()) -> int:
     run = RunDir(args.out)
+    plan, start_over = None, False
+    if args.resume and run.exists():
+        plan = resume_plan(args, explicit, run)
+        model_cfg, tcfg, text, info = plan["model_cfg"], plan["tcfg"], plan["text"], plan["data_info"]
+    else:
+        if run.leftovers() and not args.resume:
+            what = ("a run at its checkpoint" if run.exists() else
+                    "a run that stopped before its first checkpoint")  # fmt: skip
+            hint = ("--resume to continue it" if run.exists() else
+                    "--resume to start it over from step 0")  # fmt: skip
+            raise RunError(f"{args.out} already holds files of {what} ({', '.join(run.leftovers())}); "
+                           f"pass {hint}, or choose another --out")  # fmt: skip
+        if args.resume and not run.leftovers():
+            raise RunError(f"--resume: {args.out} holds no run to resume; leave out --resume to start one")
+        start_over = args.resume  # the run stopped before its first checkpoint: begin again
+        model_cfg, tcfg = configs(args, explicit)
+        text, info = load_data(args)
+    train, val = D.split(text, tcfg.seq_len)
     if args.stop_at is not None and not 1 <= args.stop_at <= tcfg.steps:
         raise RunError(f"--stop-at must be between 1 and --steps={tcfg.steps}, got {args.stop_at}")
     stop = tcfg.steps if args.stop_at is None else args.stop_at
-    if args.resume:
-        latest = run.read_latest()
-        if latest["step"] >= stop:
-            print(f"nothing to do: {args.out} is already at step {latest['step']} "
-                  f"(stopping point {stop}); its checkpoint is left as it is")  # fmt: skip
-            return 0
-    elif run.leftovers():
-        raise RunError(
-            f"{args.out} already holds files of a run ({', '.join(run.leftovers())}); pass "
-            f"--resume to continue it, or choose another --out"
-        )
+    if plan is not None and plan["latest"]["step"] >= stop:
+        print(f"nothing to do: {args.out} is already at step {plan['latest']['step']} "
+              f"(stopping point {stop}); its checkpoint is left as it is")  # fmt: skip
+        return 0
     trainer = make_trainer(args.framework, model_cfg, tcfg, args)
-    if args.resume:
-        from weight_conversion.checkpoint import load_checkpoint
-
-        weights, optim, meta = load_checkpoint(latest["path"], model_cfg)
-        problems = config_differences(meta["train_config"], tcfg.to_dict(), what="train config",
-                                      where=latest["path"])  # fmt: skip
-        if meta["data"]["sha256"] != data_info["sha256"]:
-            problems.append(f"the checkpoint was trained on {meta['data']['source']}, not on this data")
-        if problems:
-            raise RunError("cannot resume:\n  - " + "\n  - ".join(problems))
+    if plan is not None:
+        weights, optim, meta = run.load(plan["latest"], model_cfg)
         trainer.load(weights, optim, meta["step"])
         if meta["framework"] == args.framework:
-            trainer.set_rng_state(meta.get("rng", {}))
+            trainer.set_rng_state(meta["rng"])
+    # Every check has passed: only now is the run folder written to.
+    os.makedirs(args.out, exist_ok=True)
+    for path in run.remove_temporaries():
+        print(f"removed {path}, left by an interrupted write", file=sys.stderr)
+    if start_over:
+        run.start_over()
+        print(f"{args.out} has no checkpoint (the run stopped before its first one): starting over "
+              f"from step 0", file=sys.stderr)  # fmt: skip
+    if plan is not None:
         run.truncate_log(meta["step"])
         print(f"resumed {meta['framework']} checkpoint at step {meta['step']} in {args.framework}", file=sys.stderr)
-    os.makedirs(args.out, exist_ok=True)
+        if plan["extended_from"] is not None:
+            print(f"extending the run from {plan['extended_from']} to {tcfg.steps} steps: the cosine "
+                  f"schedule now spans {tcfg.steps} steps, so the learning rate rises from "
+                  f"{tcfg.min_lr:.2e} to {tcfg.lr_at(meta['step']):.2e} at step {meta['step']}", file=sys.stderr)
 
     def extra(loss: float) -> dict:
-        return {"framework": args.framework, "train_config": tcfg.to_dict(), "data": data_info,
+        return {"framework": args.framework, "train_config": tcfg.to_dict(), "data": info,
                 "rng": trainer.rng_state(), "loss": loss}  # fmt: skip
 
     baseline = D.unigram_loss(train)
@@ -83,7 +174,8 @@ def train_one(args) -> int:
             loss, norm = float(loss_t), float(norm_t)
             elapsed = time.perf_counter() - start
             if not math.isfinite(loss):
-                last = run.read_latest()["path"] if run.exists() else "none written yet"
+                last = (run.read_latest()["path"] if run.exists() else
+                        "none written yet (--resume starts the run over, taking the flags you give)")  # fmt: skip
                 print(f"error: loss became {loss} at step {step}; stopping without saving. "
                       f"Last good checkpoint: {last}", file=sys.stderr)  # fmt: skip
                 return 3
@@ -150,15 +242,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def flag_problems(args, explicit: set[str]) -> list[str]:
+    """Every flag value that cannot work, found before anything is built or written."""
+    problems = []
+    for dest, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("warmup", 0), ("eval_every", 0),
+                      ("ckpt_every", 0), ("sample", 0), ("seed", 0)):  # fmt: skip
+        value = getattr(args, dest)
+        if value is not None and value < low:
+            problems.append(f"{_flag(dest)} must be >= {low}, got {value}")
+    if args.seed >= 2**32:
+        problems.append(f"--seed must be below 2^32, got {args.seed}")
+    for dest, positive in (("lr", True), ("min_lr", True), ("weight_decay", False), ("grad_clip", False)):
+        value = getattr(args, dest)
+        if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            problems.append(f"{_flag(dest)} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+    if not (math.isfinite(args.dropout) and 0 <= args.dropout < 1):
+        problems.append(f"--dropout must be in [0, 1), got {args.dropout}")
+    if "warmup" in explicit and not args.resume and args.warmup > args.steps:
+        problems.append(f"--warmup {args.warmup} is longer than the run (--steps {args.steps})")
+    if args.data is not None and not args.data:
+        problems.append("--data is empty: give the path of a text file")
+    why = RunDir(args.out).problem_with_path()
+    if why:
+        problems.append(why)
+    if args.device == "cuda" and args.framework != "jax":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
+    if args.framework == "compare" and args.resume:
+        problems.append("--resume is for --framework torch or jax")
+    return problems
+
+
+def explicit_flags(argv) -> set[str]:
+    """The destinations of the flags the user gave (parsed again with no defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.framework == "compare" and args.resume:
-        print("error: --resume is for --framework torch or jax", file=sys.stderr)
+    explicit = explicit_flags(sys.argv[1:] if argv is None else argv)
+    problems = flag_problems(args, explicit)
+    if problems:
+        print("error: " + "\nerror: ".join(problems), file=sys.stderr)
         return 2
     precision = contextlib.nullcontext() if args.fast_matmul else matched_precision()
     try:
         with precision:
-            return run_compare(args) if args.framework == "compare" else train_one(args)
+            return run_compare(args) if args.framework == "compare" else train_one(args, explicit)
     except (RunError, ValueError) as e:  # ConversionError and CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

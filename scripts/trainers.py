@@ -23,12 +23,16 @@ MODELS = {
 }
 
 
+def data_info(text: bytes, source: str) -> dict:
+    return {"source": source, "sha256": hashlib.sha256(text).hexdigest()}
+
+
 def load_data(args) -> tuple[bytes, dict]:
-    if args.data:
+    if args.data is not None:
         text = D.load_text(args.data)
-        return text, {"source": os.path.abspath(args.data), "sha256": hashlib.sha256(text).hexdigest()}
+        return text, data_info(text, os.path.abspath(args.data))
     text = D.generated_corpus()
-    return text, {"source": "generated", "sha256": hashlib.sha256(text).hexdigest()}
+    return text, data_info(text, "generated")
 
 
 def make_trainer(framework: str, model_cfg: GPTConfig, tcfg: TrainConfig, args, weights=None):
@@ -58,11 +62,14 @@ def make_trainer(framework: str, model_cfg: GPTConfig, tcfg: TrainConfig, args, 
     return Trainer(model, tcfg, bf16=args.bf16)
 
 
-def configs(args) -> tuple[GPTConfig, TrainConfig]:
+def configs(args, explicit=frozenset()) -> tuple[GPTConfig, TrainConfig]:
+    """The configs the flags describe; ``explicit``: the flags the user gave (the rest are defaults)."""
     model_cfg = dataclasses.replace(MODELS[args.model], attn_dropout=args.dropout, resid_dropout=args.dropout)
-    seq_len = args.seq_len or model_cfg.block_size
+    seq_len = model_cfg.block_size if args.seq_len is None else args.seq_len
     if seq_len > model_cfg.block_size:
         raise RunError(f"--seq-len {seq_len} exceeds the model's block_size {model_cfg.block_size}")
+    if "warmup" in explicit and args.warmup > args.steps:
+        raise RunError(f"--warmup {args.warmup} is longer than the run (--steps {args.steps})")
     tcfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=seq_len, lr=args.lr,
         min_lr=args.min_lr if args.min_lr is not None else args.lr / 10,

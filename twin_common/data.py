@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 
 import numpy as np
 
@@ -37,15 +38,36 @@ def generated_corpus(n_bytes: int = 400_000, seed: int = 1234) -> bytes:
     return ("\n".join(lines) + "\n").encode("ascii")[:n_bytes]
 
 
+MAX_TEXT_BYTES = 256 << 20  # byte-level tokens become int64: 256 MiB of text is 2 GiB of tokens
+
+
 def load_text(path: str | os.PathLike) -> bytes:
-    """Read the user's text file as bytes; ValueError for a missing, empty or binary file."""
+    """Read the user's text file as bytes; ValueError for a missing, empty, binary, oversized or
+    non-regular file (a FIFO or a device such as /dev/zero is refused before anything is read)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ValueError(f"--data {path}: no such file")
-    if os.path.isdir(path):
-        raise ValueError(f"--data {path}: is a directory, not a text file")
-    with open(path, "rb") as f:
-        data = f.read()
+    if not path:
+        raise ValueError("--data is empty: give the path of a text file")
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ValueError(f"--data {path}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"--data {path}: cannot open it ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ValueError(f"--data {path}: is a directory, not a text file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"--data {path}: not a regular file (a device, FIFO or socket); give a text file")
+        if st.st_size > MAX_TEXT_BYTES:
+            raise ValueError(f"--data {path}: {st.st_size} bytes is more than the {MAX_TEXT_BYTES >> 20} MiB "
+                             f"this byte-level trainer holds in memory")  # fmt: skip
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_TEXT_BYTES + 1)  # bounded, should the file grow while being read
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TEXT_BYTES:
+        raise ValueError(f"--data {path}: grew past {MAX_TEXT_BYTES >> 20} MiB while being read")
     if not data:
         raise ValueError(f"--data {path}: the file is empty")
     if b"\x00" in data[:65536]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from twin_common.config import DictConfig
+from twin_common.config import DictConfig, _is_real
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +36,19 @@ class TrainConfig(DictConfig):
                 problems.append(f"{name} must be a positive int, got {v!r}")
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
             problems.append(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if not 0 < self.min_lr <= self.lr:
-            problems.append(f"need 0 < min_lr <= lr, got min_lr={self.min_lr} lr={self.lr}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if not self.eps > 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            problems.append("eps must be > 0, weight_decay and grad_clip >= 0")
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32):
+            problems.append(f"seed must be an int in 0..2^32-1, got {self.seed!r}")
+        reals = ("lr", "min_lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip")
+        not_finite = [n for n in reals if not (_is_real(getattr(self, n)) and math.isfinite(getattr(self, n)))]
+        problems += [f"{n} must be a finite number, got {getattr(self, n)!r}" for n in not_finite]
+        if not not_finite:  # NaN compares false with everything: only order-check real numbers
+            if not 0 < self.min_lr <= self.lr:
+                problems.append(f"need 0 < min_lr <= lr, got min_lr={self.min_lr} lr={self.lr}")
+            for name in ("beta1", "beta2"):
+                if not 0 <= getattr(self, name) < 1:
+                    problems.append(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+            if not self.eps > 0 or self.weight_decay < 0 or self.grad_clip < 0:
+                problems.append("eps must be > 0, weight_decay and grad_clip >= 0")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from weight_conversion.table import table_for
-from weight_conversion.validate import ConversionError, find_problems
+from weight_conversion.validate import FLOAT_DTYPES, ConversionError, find_problems
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # torch's names; optax calls them mu and nu
 _OPTAX_NAMES = {"exp_avg": "mu", "exp_avg_sq": "nu"}
@@ -31,6 +31,11 @@ def check_optim_arrays(cfg, arrays: Mapping[str, np.ndarray], dtype: str | None 
         prefix = f"optim.{moment}."
         sub = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
         problems += [f"{moment}: {p}" for p in find_problems(sub, table_for(cfg), dtype)]
+    for key, v in arrays.items():  # a square's running mean; a negative one makes the next step NaN
+        v = np.asarray(v)
+        if key.startswith("optim.exp_avg_sq.") and v.size and v.dtype.name in FLOAT_DTYPES:
+            if np.min(v) < 0:  # NaN is reported above, as non-finite
+                problems.append(f"exp_avg_sq: {key[len('optim.exp_avg_sq.'):]!r} has negative values")
     stray = [k for k in arrays if not any(k.startswith(f"optim.{m}.") for m in MOMENTS)]
     problems += [f"unexpected key {k!r}" for k in stray]
     if problems:
