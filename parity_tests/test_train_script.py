@@ -181,10 +181,12 @@ def test_leftovers_of_a_crashed_run_are_not_appended_to(tmp_path, capsys):
     (out / "log.jsonl").write_text('{"step": 0, "loss": 5.0}\n{"step": 1, "lo')  # cut by a crash
     before = _snapshot(out)
     assert _run(out, "--steps", "2") == 2
-    assert "already holds files of a run (log.jsonl)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stopped before its first checkpoint (log.jsonl)" in err and "--resume to start it over" in err
     assert _snapshot(out) == before
     assert _run(out, "--steps", "2", "--stop-at", "0") == 2
     assert "--stop-at must be between 1" in capsys.readouterr().err
+    assert _snapshot(out) == before
 
 
 def test_progress_bar_shows_no_validation_loss_before_the_first_evaluation(tmp_path, capsys):
