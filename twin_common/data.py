@@ -7,6 +7,7 @@ resumed at step s continues with exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import stat
@@ -20,6 +21,7 @@ _VERBS = ("sees", "likes", "chases", "finds", "hears", "helps")
 _ADJS = ("red", "big", "old", "shy", "fast", "calm")
 
 
+@functools.lru_cache(maxsize=4)  # bytes are immutable: every caller may share one copy
 def generated_corpus(n_bytes: int = 400_000, seed: int = 1234) -> bytes:
     """A synthetic corpus with structure a small model can learn: short sentences from a tiny
     grammar and sums whose answers follow from the question ("37+48=85."). Made, not downloaded

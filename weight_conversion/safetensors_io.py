@@ -240,6 +240,8 @@ def load_file(path: str | os.PathLike, *, require_hash: bool = False) -> tuple[d
     expected = metadata.get(HASH_KEY)
     if expected is not None and not _HASH_RE.fullmatch(expected):
         raise CheckpointError(f"{path}: unknown {HASH_KEY} {expected[:60]!r} (expected {HASH_ALGORITHM}:<32 hex digits>)")
+    if expected is None and any(isinstance(v, str) and _HASH_RE.fullmatch(v) for v in metadata.values()):
+        raise CheckpointError(f"{path}: its {HASH_KEY} entry is damaged (a hash is stored under another key)")
     if expected is None and require_hash:
         raise CheckpointError(f"{path} has no {HASH_KEY} in its metadata; every file of this format carries one")
     by_name = sorted(header.entries)
