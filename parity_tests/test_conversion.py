@@ -519,3 +519,22 @@ def test_float64_into_flax_outside_x64_mode_is_refused():
     with pytest.raises(wc.ConversionError, match="x64"):
         wc.import_(fm, source)
     assert_same_params(before, raw_params(fm))
+
+
+def test_converted_flax_model_does_not_alias_the_source_arrays():
+    """JAX's device_put on the CPU aliases a 64-byte-aligned C-contiguous NumPy array instead of
+    copying it; torch_to_flax hands JAX views of torch's parameters (64-byte aligned), so without a
+    copy, training the torch model would change the Flax one (biases, LayerNorm scales)."""
+    tb, fb = torch_block(seed=0), flax_block(seed=5)
+    wc.torch_to_flax(tb, fb)
+    before = {k: v.copy() for k, v in wc.export(fb).items()}  # export itself may be a view
+    with torch.no_grad():
+        for p in tb.parameters():
+            p.add_(1.0)
+    assert_same_arrays(before, wc.export(fb))
+    arrays = wc.export(torch_block(seed=1), copy=False)  # the caller's (aligned) arrays
+    wc.import_(fb, arrays)
+    before = {k: v.copy() for k, v in wc.export(fb).items()}
+    for a in arrays.values():
+        a += 1.0
+    assert_same_arrays(before, wc.export(fb))

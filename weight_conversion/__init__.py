@@ -36,12 +36,15 @@ def _is_torch(model) -> bool:
     return any(cls.__module__.startswith("torch.") for cls in type(model).__mro__)
 
 
-def export(model) -> dict[str, np.ndarray]:
-    """Parameters of either twin as {torch state_dict key: NumPy array in torch layout}."""
+def export(model, copy: bool = True) -> dict[str, np.ndarray]:
+    """Parameters of either twin as {torch state_dict key: NumPy array in torch layout}.
+
+    ``copy=False`` (torch): views of the CPU parameters, valid until the model changes; what
+    save and torch_to_flax use, so they never hold a second copy of the model."""
     if _is_torch(model):
         from weight_conversion.torch_side import export_torch
 
-        return export_torch(model)
+        return export_torch(model, copy)
     from weight_conversion.flax_side import export_flax
 
     return export_flax(model)
@@ -59,7 +62,7 @@ def import_(model, arrays) -> None:
 
 
 def torch_to_flax(torch_model, flax_model) -> None:
-    import_(flax_model, export(torch_model))
+    import_(flax_model, export(torch_model, copy=False))  # JAX copies each array onto its device
 
 
 def flax_to_torch(flax_model, torch_model) -> None:
@@ -70,7 +73,7 @@ def save(model, path: str | os.PathLike, extra_metadata: dict[str, str] | None =
     """Write either twin's parameters to a safetensors file (atomically), config in the metadata."""
     metadata = {"format": "pt", "config": json.dumps(model.cfg.to_dict(), sort_keys=True)}
     metadata.update(extra_metadata or {})
-    save_file(export(model), path, metadata)
+    save_file(export(model, copy=False), path, metadata)
 
 
 def load(model, path: str | os.PathLike) -> dict[str, str]:
@@ -80,7 +83,7 @@ def load(model, path: str | os.PathLike) -> dict[str, str]:
     RUNTIME_FIELDS, such as attn_impl or dropout, may differ); otherwise a ConversionError names each
     differing field. Returns the file's metadata.
     """
-    arrays, metadata = load_file(path)
+    arrays, metadata = load_file(path, mapped=True)  # import_ copies them into the model
     problems = []
     if "config" in metadata:
         try:

@@ -54,7 +54,7 @@ def load_checkpoint(path: str | os.PathLike, cfg) -> tuple[dict, dict, dict]:
     problems = config_differences(saved_cfg, cfg.to_dict(), what="config", where=where)
     if problems:
         raise ConversionError(problems, f"checkpoint {where}")
-    arrays, _ = load_file(where, require_hash=True)
+    arrays, _ = load_file(where, require_hash=True, mapped=True)  # the trainers copy them in
     weights = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
     optim = {k: v for k, v in arrays.items() if k.startswith("optim.")}
     stray = [k for k in arrays if not k.startswith(("model.", "optim."))]

@@ -64,6 +64,8 @@ def import_flax(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> None:
         var = params[spec.flax_path]
         old = var.get_value()
         new = spec.transform.to_flax(np.asarray(arrays[spec.torch_key]))
+        if new.flags.c_contiguous:  # device_put on the CPU may alias (not copy) an aligned C-contiguous
+            new = new.copy()        # array: the model would change when the caller's array does
         if isinstance(old, jax.Array):
             var.set_value(jax.device_put(new, old.sharding))
         else:  # an abstract model from nnx.eval_shape: place on the default device

@@ -10,13 +10,15 @@ same malformed files), so every bad file is a CheckpointError naming the file, a
 there is one, before anything large is allocated. Paths that are not regular files (a FIFO,
 /dev/zero, a folder) are refused from ``os.fstat`` before a byte is read. The tensors themselves are
 read through ``safetensors.safe_open`` (memory-mapped, one tensor at a time; with ml_dtypes imported
-its NumPy API reads and writes BF16), and the mapping is reopened every ``_REMAP_BYTES`` so the pages
-already copied out stop counting against memory: peak memory is about one copy of the tensors.
+its NumPy API reads and writes BF16), largest first, and the mapping is reopened every
+``_REMAP_BYTES`` so the pages already copied out stop counting against memory: peak memory is about
+one copy of the tensors.
 
 Content hash: safetensors has no checksum, so a flipped bit in tensor data would load silently.
 Every file written here carries ``content_hash`` in its metadata: xxh3-128 (xxhash) over the
-metadata (without the hash), each tensor's name, dtype and shape, and its bytes, in name order. It
-is checked on load; a file without one (from another tool) still loads. xxh3 is a checksum against
+metadata (without the hash), each tensor's name, dtype and shape, and the xxh3-128 of each tensor's
+bytes, in name order (so tensors can be read in any order). It is checked on load; a file without
+one (from another tool) still loads. xxh3 is a checksum against
 accidental change (bit rot, a truncated copy, an edited file), not a signature against an attacker.
 
 Writes are atomic: the file is written under a temporary name in the same folder, flushed to disk,
@@ -48,7 +50,7 @@ _FROM_CODE = {code: name for name, code in _TO_CODE.items()}
 _NUMPY = {**FLOAT_DTYPES, **{n: np.dtype(n) for n in _TO_CODE if n not in FLOAT_DTYPES}}
 MAX_HEADER = 100_000_000  # the safetensors library's own limit (MAX_HEADER_SIZE)
 _MAX_DIM = 2**63 - 1  # NumPy's intp: a larger dimension cannot be an array
-_REMAP_BYTES = 64 << 20  # reopen the memory map after this many bytes (see the module docstring)
+_REMAP_BYTES = 16 << 20  # reopen the memory map after this many bytes (see the module docstring)
 
 HASH_KEY = "content_hash"
 HASH_ALGORITHM = "xxh3_128"
@@ -208,15 +210,21 @@ def _pread_all(fd: int, n: int, offset: int) -> bytes:
 # ------------------------------------------------------------------------------- content hash
 
 
-def _hasher(metadata: Mapping[str, str], entries) -> xxhash.xxh3_128:
-    """The hash state after the metadata (without the hash itself) and the tensor list, name order."""
+def _content_hash(metadata: Mapping[str, str], entries, digests: Mapping[str, bytes]) -> str:
+    """The hash of the metadata (without the hash itself), the tensor list and each tensor's digest
+    (``_digest`` of its bytes), all in name order."""
     doc = {
         "metadata": {k: v for k, v in metadata.items() if k != HASH_KEY},
         "tensors": [[name, _TO_CODE[np.dtype(dtype).name], list(shape)] for name, dtype, shape in entries],
     }
-    h = xxhash.xxh3_128()
-    h.update(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
-    return h
+    h = xxhash.xxh3_128(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+    for name, _, _ in sorted(entries, key=lambda e: e[0]):
+        h.update(digests[name])
+    return f"{HASH_ALGORITHM}:{h.hexdigest()}"
+
+
+def _digest(data: memoryview) -> bytes:
+    return xxhash.xxh3_128_digest(data)
 
 
 def _raw(array: np.ndarray) -> memoryview:
@@ -230,11 +238,16 @@ def _raw(array: np.ndarray) -> memoryview:
 # -------------------------------------------------------------------------------------- read
 
 
-def load_file(path: str | os.PathLike, *, require_hash: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+def load_file(
+    path: str | os.PathLike, *, require_hash: bool = False, mapped: bool = False
+) -> tuple[dict[str, np.ndarray], dict]:
     """Read ``path``; returns (arrays, metadata). Raises CheckpointError with the reason.
 
     The content hash is checked when the file has one; ``require_hash`` makes a missing one an error
-    (for formats only this project writes)."""
+    (for formats only this project writes). ``mapped=True`` (when torch is installed): the arrays
+    are copy-on-write views of a memory map of the file, read through safetensors' torch front end
+    with no copy, for callers that copy them into a model straight away (as safetensors.torch's
+    own load_file does); the default gives arrays in their own memory."""
     header = read_header(path)
     path, metadata = header.path, header.metadata
     expected = metadata.get(HASH_KEY)
@@ -244,18 +257,59 @@ def load_file(path: str | os.PathLike, *, require_hash: bool = False) -> tuple[d
         raise CheckpointError(f"{path}: its {HASH_KEY} entry is damaged (a hash is stored under another key)")
     if expected is None and require_hash:
         raise CheckpointError(f"{path} has no {HASH_KEY} in its metadata; every file of this format carries one")
-    by_name = sorted(header.entries)
-    h = _hasher(metadata, [(n, d, s) for n, d, s, _, _ in by_name]) if expected else None
-    arrays = _read_tensors(path, by_name, h)
-    if h is not None and f"{HASH_ALGORITHM}:{h.hexdigest()}" != expected:
-        raise CheckpointError(
-            f"{path}: content hash mismatch: the file changed after it was written (stored {expected}, "
-            f"computed {HASH_ALGORITHM}:{h.hexdigest()}); it cannot be trusted"
-        )
+    largest_first = sorted(header.entries, key=lambda e: (e[3] - e[4], e[0]))
+    digests: dict[str, bytes] | None = {} if expected else None
+    arrays = _read_mapped(path, largest_first, digests) if mapped else None
+    if arrays is None:
+        arrays = _read_tensors(path, largest_first, digests)
+    if digests is not None:
+        computed = _content_hash(metadata, [(n, d, s) for n, d, s, _, _ in header.entries], digests)
+        if computed != expected:
+            raise CheckpointError(
+                f"{path}: content hash mismatch: the file changed after it was written (stored {expected}, "
+                f"computed {computed}); it cannot be trusted"
+            )
+    arrays = {name: arrays[name] for name, *_ in sorted(header.entries)}
     return arrays, dict(metadata)
 
 
-def _read_tensors(path: str, entries, h) -> dict[str, np.ndarray]:
+_MAPPED_DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+def _read_mapped(path: str, entries, digests: dict | None) -> dict[str, np.ndarray] | None:
+    """Zero-copy views through safe_open(framework="pt"); None if torch is missing or a dtype has
+    no NumPy view there."""
+    if any(dtype.name not in _MAPPED_DTYPES for _, dtype, *_ in entries):
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    arrays: dict[str, np.ndarray] = {}
+    name = "?"
+    try:
+        with safe_open(path, framework="pt") as f:
+            for name, dtype, shape, _, _ in entries:
+                tensor = f.get_tensor(name)
+                if tensor.dtype == torch.bfloat16:  # .numpy() has no bfloat16: view the bits
+                    array = tensor.view(torch.int16).numpy().view(dtype)
+                else:
+                    array = tensor.numpy()
+                if array.dtype != dtype or array.shape != shape:
+                    raise CheckpointError(f"{path}: tensor {name!r} changed while the file was read")
+                if digests is not None:
+                    digests[name] = _digest(_raw(array))
+                arrays[name] = array
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, MemoryError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: cannot read tensor {name!r}: {e}") from None
+    return arrays
+
+
+def _read_tensors(path: str, entries, digests: dict | None) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError, safe_open
 
     arrays: dict[str, np.ndarray] = {}
@@ -269,8 +323,8 @@ def _read_tensors(path: str, entries, h) -> dict[str, np.ndarray]:
                     array = f.get_tensor(name)
                     if array.dtype != dtype or array.shape != shape:
                         raise CheckpointError(f"{path}: tensor {name!r} changed while the file was read")
-                    if h is not None:
-                        h.update(_raw(array))
+                    if digests is not None:
+                        digests[name] = _digest(_raw(array))
                     arrays[name] = array
                     mapped += stop - begin
                     i += 1
@@ -313,17 +367,18 @@ def save_file(
     raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned
     needle = f"{json.dumps(HASH_KEY)}:{json.dumps(_PLACEHOLDER)}".encode()
     slot = 8 + raw.index(needle) + len(needle) - 1 - 32  # where the 32 hex digits go, in the file
-    h = _hasher(metadata, [(n, a.dtype, a.shape) for n, a in items])
+    digests: dict[str, bytes] = {}
 
     def write(f) -> None:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for _, array in items:
+        for name, array in items:
             data = _raw(array)
-            h.update(data)
+            digests[name] = _digest(data)
             f.write(data)
         f.seek(slot)  # the hash is known only now; it has a fixed width, so the header keeps its size
-        f.write(h.hexdigest().encode())
+        value = _content_hash(metadata, [(n, a.dtype, a.shape) for n, a in items], digests)
+        f.write(value[len(HASH_ALGORITHM) + 1 :].encode())
 
     write_atomic(path, write)
 

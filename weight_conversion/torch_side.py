@@ -12,19 +12,28 @@ from weight_conversion.table import table_for
 from weight_conversion.validate import ConversionError, check
 
 
-def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A NumPy copy of ``tensor``. ``.numpy()`` refuses bfloat16, so its bits go through int16."""
+def tensor_to_numpy(tensor: torch.Tensor, copy: bool = True) -> np.ndarray:
+    """A NumPy copy of ``tensor``. ``.numpy()`` refuses bfloat16, so its bits go through int16.
+
+    ``copy=False``: a view of a CPU tensor's memory where possible, for callers that only read it
+    before the tensor can change (writing a file, handing it to JAX, which copies)."""
     tensor = tensor.detach().cpu().contiguous()
     if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    return tensor.numpy().copy()
+        array = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    else:
+        array = tensor.numpy()
+    return array.copy() if copy else array
 
 
-def numpy_to_tensor(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+def numpy_to_tensor(array: np.ndarray, device: torch.device | str = "cpu", copy: bool = True) -> torch.Tensor:
+    """A tensor from ``array``; ``copy=False`` shares a writable array's memory (load_state_dict
+    copies into the parameters anyway, so a second copy would only raise peak memory)."""
     array = np.ascontiguousarray(array)
+    copy = copy or not array.flags.writeable  # torch.from_numpy needs writable memory
     if array.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16).to(device)
-    return torch.from_numpy(array.copy()).to(device)
+        bits = array.view(np.int16)
+        return torch.from_numpy(bits.copy() if copy else bits).view(torch.bfloat16).to(device)
+    return torch.from_numpy(array.copy() if copy else array).to(device)
 
 
 def _param_dtype(model: torch.nn.Module) -> str:
@@ -44,10 +53,11 @@ def _model_table(model: torch.nn.Module):
     return table, state
 
 
-def export_torch(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """The model's parameters as {state_dict key: array in torch layout}, in table order."""
+def export_torch(model: torch.nn.Module, copy: bool = True) -> dict[str, np.ndarray]:
+    """The model's parameters as {state_dict key: array in torch layout}, in table order
+    (``copy=False``: views of CPU parameters, see tensor_to_numpy)."""
     table, state = _model_table(model)
-    return {spec.torch_key: tensor_to_numpy(state[spec.torch_key]) for spec in table}
+    return {spec.torch_key: tensor_to_numpy(state[spec.torch_key], copy) for spec in table}
 
 
 def import_torch(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
@@ -58,6 +68,6 @@ def import_torch(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> No
     """
     table, state = _model_table(model)
     check(arrays, table, _param_dtype(model))
-    new_state = {k: numpy_to_tensor(arrays[k], state[k].device) for k in state}
+    new_state = {k: numpy_to_tensor(arrays[k], state[k].device, copy=False) for k in state}
     with torch.no_grad():
         model.load_state_dict(new_state, strict=True)
