@@ -273,3 +273,26 @@ def test_read_latest_alone_without_the_cli(run):
     (run / "latest.json").write_text("{}")
     with pytest.raises(RunError, match="'step' must be an integer"):
         RunDir(str(run)).read_latest()
+
+
+def test_run_folder_from_before_content_hashes_still_resumes(run, capsys):
+    """latest.json with a sha256 and a checkpoint without content_hash (the earlier format): the
+    sha256 verifies the bytes, and the run resumes."""
+    import hashlib
+
+    import safetensors.numpy
+
+    from weight_conversion.safetensors_io import HASH_KEY, load_file
+
+    latest = _latest(run)
+    path = run / latest["checkpoint"]
+    arrays, metadata = load_file(path)
+    del metadata[HASH_KEY]
+    safetensors.numpy.save_file(arrays, path, metadata=metadata)
+    del latest["content_hash"]
+    latest["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (run / "latest.json").write_text(json.dumps(latest))
+    assert _main(run, "--resume", "--quiet", "--sample", "0") == 0
+    latest["sha256"] = "0" * 64  # control: a wrong sha256 is refused
+    (run / "latest.json").write_text(json.dumps(latest))
+    assert _main(run, "--resume", "--quiet") == 2

@@ -147,13 +147,15 @@ class RunDir:
                                f"the one in latest.json")  # fmt: skip
         elif _sha256(path) != sha256:  # latest.json from before content hashes; header checked above
             raise RunError(f"checkpoint {path} is corrupt or truncated: its sha256 does not match latest.json")
-        return {"checkpoint": name, "step": step, "framework": framework, "path": path}
+        # "legacy": a checkpoint from before content hashes, verified here by latest.json's sha256
+        return {"checkpoint": name, "step": step, "framework": framework, "path": path,
+                "legacy": not isinstance(content_hash, str)}  # fmt: skip
 
     def load(self, latest: dict, model_cfg) -> tuple[dict, dict, dict]:
         """(weights, optim, meta) of the checkpoint latest.json names, every part checked."""
         path = latest["path"]
         try:
-            step, _, extra = read_checkpoint_metadata(path)
+            step, _, extra = read_checkpoint_metadata(path, require_hash=not latest["legacy"])
         except CheckpointError as e:
             raise RunError(str(e)) from None
         problems = check_extra(extra, step)
@@ -163,7 +165,7 @@ class RunDir:
             problems.append(f"its framework is {extra.get('framework')!r:.40}, latest.json says {latest['framework']!r}")
         if problems:
             raise RunError(f"checkpoint {path} cannot be resumed:\n  - " + "\n  - ".join(problems))
-        return load_checkpoint(path, model_cfg)
+        return load_checkpoint(path, model_cfg, require_hash=not latest["legacy"])
 
     # ------------------------------------------------------------------------------------ writing
 

@@ -52,7 +52,7 @@ def resume_plan(args, explicit: set[str], run: RunDir) -> dict:
     finished run). Raises RunError naming every conflict."""
     latest = run.read_latest()
     try:
-        step, saved_cfg, extra = read_checkpoint_metadata(latest["path"])
+        step, saved_cfg, extra = read_checkpoint_metadata(latest["path"], require_hash=not latest["legacy"])
         model_cfg = GPTConfig.from_dict(saved_cfg)
     except (ValueError, TypeError) as e:
         raise RunError(f"checkpoint {latest['path']} cannot be resumed: {e}") from None
@@ -260,6 +260,8 @@ def flag_problems(args, explicit: set[str]) -> list[str]:
         problems.append(f"--dropout must be in [0, 1), got {args.dropout}")
     if "warmup" in explicit and not args.resume and args.warmup > args.steps:
         problems.append(f"--warmup {args.warmup} is longer than the run (--steps {args.steps})")
+    if args.stop_at is not None and (args.stop_at < 1 or (not args.resume and args.stop_at > args.steps)):
+        problems.append(f"--stop-at must be between 1 and --steps={args.steps}, got {args.stop_at}")
     if args.data is not None and not args.data:
         problems.append("--data is empty: give the path of a text file")
     why = RunDir(args.out).problem_with_path()

@@ -44,17 +44,18 @@ def save_checkpoint(
     save_file(arrays, path, metadata)
 
 
-def load_checkpoint(path: str | os.PathLike, cfg) -> tuple[dict, dict, dict]:
+def load_checkpoint(path: str | os.PathLike, cfg, *, require_hash: bool = True) -> tuple[dict, dict, dict]:
     """(weights, optimizer arrays, meta) where meta has "step", "config" and the saved extras.
 
     Raises CheckpointError for an unreadable file or unreadable metadata, and ConversionError
-    (listing every problem) for one that does not fit ``cfg``."""
+    (listing every problem) for one that does not fit ``cfg``. ``require_hash=False`` only for
+    checkpoints from before content hashes, whose bytes were verified another way."""
     where = os.fspath(path)
-    step, saved_cfg, extra = read_checkpoint_metadata(where)
+    step, saved_cfg, extra = read_checkpoint_metadata(where, require_hash=require_hash)
     problems = config_differences(saved_cfg, cfg.to_dict(), what="config", where=where)
     if problems:
         raise ConversionError(problems, f"checkpoint {where}")
-    arrays, _ = load_file(where, require_hash=True, mapped=True)  # the trainers copy them in
+    arrays, _ = load_file(where, require_hash=require_hash, mapped=True)  # the trainers copy them in
     weights = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
     optim = {k: v for k, v in arrays.items() if k.startswith("optim.")}
     stray = [k for k in arrays if not k.startswith(("model.", "optim."))]
@@ -74,7 +75,7 @@ def load_checkpoint(path: str | os.PathLike, cfg) -> tuple[dict, dict, dict]:
     return weights, optim, {"step": step, "config": saved_cfg, **extra}
 
 
-def read_checkpoint_metadata(path: str | os.PathLike) -> tuple[int, dict, dict]:
+def read_checkpoint_metadata(path: str | os.PathLike, *, require_hash: bool = True) -> tuple[int, dict, dict]:
     """(step, model config dict, extras dict) from a training checkpoint's header alone: cheap,
     and every problem is a CheckpointError naming the file."""
     where = os.fspath(path)
@@ -85,7 +86,7 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> tuple[int, dict, dict]:
 
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{where} is not a training checkpoint (format {metadata.get('format')!r:.80})")
-    if HASH_KEY not in metadata:
+    if require_hash and HASH_KEY not in metadata:
         raise fail(f"no {HASH_KEY} (every training checkpoint is written with one)")
     missing = [k for k in ("config", "step", "extra") if k not in metadata]
     if missing:
