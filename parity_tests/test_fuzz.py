@@ -36,7 +36,7 @@ import weight_conversion.safetensors_io as st_io  # noqa: E402
 from scripts import train as T  # noqa: E402
 from scripts.run_folder import RunDir, RunError, check_extra  # noqa: E402
 from torch_impl.gpt import GPT  # noqa: E402
-from weight_conversion.checkpoint import FORMAT, load_checkpoint, read_checkpoint_metadata  # noqa: E402
+from weight_conversion.checkpoint import load_checkpoint, read_checkpoint_metadata  # noqa: E402
 
 SCALE = int(os.environ.get("FUZZ_SCALE", "1"))
 TYPED = (st_io.CheckpointError, wc.ConversionError, RunError)

@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="init and batch order (default: %(default)s)")
     p.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps; 0: never (default: %(default)s)")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps; 0: only at the end (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint, with the checkpoint's settings (a flag "
+                        "given must agree with them; a larger --steps extends a finished run)")
     p.add_argument("--stop-at", type=int, metavar="STEP",
                    help="checkpoint and stop at STEP (the schedule still spans --steps); resume later, "
                         "in either framework")
