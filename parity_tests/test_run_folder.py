@@ -88,9 +88,10 @@ def test_device_cuda_without_cuda_is_refused(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert _main(tmp_path / "run", *FAST, "--device", "cuda") == 2
-    assert "this torch has no CUDA device" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    for framework in ("torch", "jax", "compare"):  # JAX ignores --device: refused, not ignored
+        assert _main(tmp_path / "run", *FAST, "--device", "cuda", framework=framework) == 2
+        assert "this torch has no CUDA device" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev_zero"])

@@ -268,7 +268,7 @@ def flag_problems(args, explicit: set[str]) -> list[str]:
     why = RunDir(args.out).problem_with_path()
     if why:
         problems.append(why)
-    if args.device == "cuda" and args.framework != "jax":
+    if args.device == "cuda":  # a torch option; refused for JAX too rather than silently ignored
         import torch
 
         if not torch.cuda.is_available():
