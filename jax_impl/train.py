@@ -19,12 +19,8 @@ from flax import nnx
 from jax_impl.gpt import GPT, loss_fn
 from twin_common.checks import check_token_input
 from twin_common.train_config import TrainConfig
+from weight_conversion.flax_side import flax_path
 from weight_conversion.table import table_for
-
-
-def flax_path(keypath) -> tuple:
-    """A pytree key path into an nnx.State -> the table's Flax path, e.g. ("blocks", 0, "ln_1", "scale")."""
-    return tuple(k.key for k in keypath if isinstance(k, jax.tree_util.DictKey))
 
 
 def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformation:

@@ -22,7 +22,9 @@ from weight_conversion.table import table_for
 # Small enough for 2 CPU cores, with every kind of parameter: tied embeddings, several blocks.
 SMALL_GPT = GPTConfig(vocab_size=64, block_size=16, n_layers=2, d_model=32, n_heads=4)
 TRAJECTORY = TrainConfig(steps=20, batch_size=4, seq_len=16, lr=3e-3, min_lr=3e-4, warmup_steps=5)
-TRAIN_TOLERANCE = 1e-5  # issue 3's bound, float32 on CPU: per-step loss rel diff and final params
+# float32 on CPU, per-step loss relative difference and final parameters: measured 2.3e-7 and 9.8e-7
+# here, so 10x headroom, while a wrong pinned default (clipping epsilon, decay mask) costs more.
+TRAIN_TOLERANCE = 1e-5
 # The key bias adds q . b_k to every score in a row, and softmax ignores a constant added to a row:
 # its exact gradient is 0 and its value changes no output. In float32 its gradient is rounding noise
 # (~1e-10), which Adam divides by its own RMS, so each framework moves it by a different random walk
@@ -103,7 +105,7 @@ def _flax_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_
     from flax import nnx
 
     from jax_impl.gpt import loss_fn
-    from jax_impl.train import flax_path
+    from weight_conversion.flax_side import flax_path
 
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

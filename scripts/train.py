@@ -39,7 +39,7 @@ MODELS = {
     "gpt2": GPTConfig.gpt2_124m(),
 }
 KEEP_CHECKPOINTS = 3
-COMPARE_BOUND = 1e-4  # issue 3: per-step relative loss difference between the twins, float32 CPU
+COMPARE_BOUND = 1e-4  # per-step relative loss difference between the twins, float32 CPU
 
 
 class RunError(Exception):

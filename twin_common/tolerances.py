@@ -45,7 +45,8 @@ class Tolerance:
 TOLERANCES: dict[str, Tolerance] = {
     "float32": Tolerance(
         "float32", atol=1e-5, ulps=None, mantissa_bits=23,
-        reason="issue 2's target and HF's (PR #15841: every error above 1e-5 was a real bug); "
+        reason="the bound transformers' PyTorch/Flax equivalence tests use (huggingface/transformers "
+        "PR #15841: every error above 1e-5 was a real bug); "
         "measured 2.4e-7 to 4.8e-7 at (5, 8, 128) on a 2-core CPU, so 20x headroom for "
         "other summation orders, while a wrong default (eps, GELU, layout) costs 1e-4 or more",
     ),
