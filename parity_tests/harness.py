@@ -43,14 +43,29 @@ class Result:
     max_rel_err: float
     tolerance: float
     passed: bool
-    first_divergence: str | None
-    config: dict
+    first_divergence: str | None  # the sublayer or parameter named by the check's rule, or "error"
+    divergence_detail: str | None = None  # its error against its bound, for the report's table
+    config: dict = dataclasses.field(default_factory=dict)
+    error: str | None = None  # the exception of a check that raised (then passed is False)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------- devices
+
+
+def framework_missing(name: str) -> str | None:
+    """Why ``name`` ("torch" or "jax") cannot run here (e.g. torch on a TPU VM), or None if it can."""
+    import importlib
+
+    modules = ("torch",) if name == "torch" else ("jax", "flax", "optax")
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except ImportError as e:
+        return f"{name} is not installed ({e})"
+    return None
 
 
 def torch_devices() -> list[str]:
@@ -142,12 +157,13 @@ def compare(
     other: Mapping[str, np.ndarray],
     dtype: str,
     truth: Mapping[str, np.ndarray] | None = None,
-) -> tuple[float, float, float, bool, str | None]:
-    """(max_abs_err, max_rel_err, tolerance, passed, first_divergence) of the output, with every
-    intermediate also held to its own tolerance; the first one over it is the divergence point.
+) -> tuple[float, float, float, bool, str | None, str | None]:
+    """(max_abs_err, max_rel_err, tolerance, passed, first_divergence, detail) of the output, with
+    every intermediate also held to its own tolerance; the first one over it is the divergence
+    point, and ``detail`` gives its error and bound (the output's error may be within tolerance).
     ``truth`` (float64 intermediates from the same weights) enables the bf16 allowance."""
     tol = tolerance_for(dtype)
-    first = None
+    first = detail = None
     for name in INTERMEDIATES:
         err = float(np.max(np.abs(reference[name] - other[name])))
         if name == "out":
@@ -155,13 +171,13 @@ def compare(
         else:
             bound = tol.intermediate_bound(reference[name], None if truth is None else truth[name])
         if not err <= bound:  # "not <=" so that NaN fails
-            first = name
+            first, detail = name, f"{name}: {err:.2e} > {bound:.1e}"
             break
     ref, out = reference["out"], other["out"]
     max_abs = float(np.max(np.abs(ref - out)))
     peak = float(np.max(np.abs(ref)))
     max_rel = max_abs / peak if peak else float(max_abs != 0)
-    return max_abs, max_rel, tol.bound(ref), first is None, first
+    return max_abs, max_rel, tol.bound(ref), first is None, first, detail
 
 
 def _config_summary(cfg: BlockConfig) -> dict:
