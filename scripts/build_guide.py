@@ -148,7 +148,10 @@ def main(argv=None) -> int:
     parser.add_argument("--code-only", action="store_true",
                         help="refresh the code excerpts, keep the last measurements (no checks run)")
     args = parser.parse_args(argv)
-    previous = open(OUTPUT).read() if os.path.exists(OUTPUT) else ""
+    previous = ""
+    if os.path.exists(OUTPUT):
+        with open(OUTPUT) as f:
+            previous = f.read()
     if args.check:
         fresh = build(measure=False, previous=previous)
         problems = stale_sections(previous, fresh)
