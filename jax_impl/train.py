@@ -41,7 +41,10 @@ def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformat
 def make_optimizer(model: GPT, tcfg: TrainConfig) -> optax.GradientTransformation:
     """Clipping, then AdamW with a decay mask built from the conversion table (matrices only)."""
     decay = {spec.flax_path: spec.decay for spec in table_for(model.cfg)}
-    mask = lambda params: jax.tree_util.tree_map_with_path(lambda kp, _: decay[flax_path(kp)], params)  # noqa: E731
+
+    def mask(params):
+        return jax.tree_util.tree_map_with_path(lambda kp, _: decay[flax_path(kp)], params)
+
     # the shared schedule as a table, one entry past the last step (= min_lr, as lr_at gives torch)
     lrs = jnp.asarray(tcfg.lr_table(tcfg.steps + 1), dtype=jnp.float32)
     schedule = lambda count: lrs[jnp.minimum(count, tcfg.steps)]  # noqa: E731
@@ -128,7 +131,8 @@ class Trainer:
         are uncommitted, the step's outputs committed, and jit compiles once for each kind: without
         this the first two steps compile twice."""
         device = jax.tree.leaves(self.params)[0].sharding  # where the model was built
-        self.params, self.opt_state, self.rest = jax.device_put((self.params, self.opt_state, self.rest), device)
+        state = (self.params, self.opt_state, self.rest)
+        self.params, self.opt_state, self.rest = jax.device_put(state, device)
 
     def eval_loss(self, x, y) -> float:
         return float(self._eval_loss(self.params, self.rest, jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)))
@@ -160,8 +164,9 @@ class Trainer:
 
     def rng_state(self) -> dict:
         keys = nnx.state(self.sync_model(), nnx.RngKey)
+        leaves = jax.tree_util.tree_leaves_with_path(keys)
         return {"jax_rng": {"/".join(map(str, flax_path(kp))): np.asarray(jax.random.key_data(k)).tolist()
-                            for kp, k in jax.tree_util.tree_leaves_with_path(keys)}}  # fmt: skip
+                            for kp, k in leaves}}  # fmt: skip
 
     def set_rng_state(self, saved: dict) -> None:
         if "jax_rng" not in saved:

@@ -149,6 +149,30 @@ def run_flax(model, x: np.ndarray, jax_device) -> dict[str, np.ndarray]:
     return {k: np.asarray(v).astype(np.float64) for k, v in inter.items()}
 
 
+def native_weights(model) -> dict[str, np.ndarray]:
+    """A twin's parameters as float64 arrays in torch layout, read by each framework's own naming
+    rules and NOT through the conversion table: the float64 truth must not move with a converter bug.
+
+    torch: ``state_dict()`` as it is. Flax: ``kernel`` (in, out) is ``weight`` (out, in), and a
+    LayerNorm's ``scale`` is ``weight`` (Flax's conventions for nnx.Linear / nnx.LayerNorm)."""
+    if any(cls.__module__.startswith("torch.") for cls in type(model).__mro__):
+        from weight_conversion.torch_side import tensor_to_numpy
+
+        return {k: tensor_to_numpy(v).astype(np.float64) for k, v in model.state_dict().items()}
+    from flax import nnx
+
+    weights = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        *module, leaf = (str(p) for p in path)
+        value = np.asarray(var.get_value()).astype(np.float64)
+        if leaf == "kernel":
+            leaf, value = "weight", value.T
+        elif leaf == "scale":
+            leaf = "weight"
+        weights[".".join([*module, leaf])] = value
+    return weights
+
+
 # --------------------------------------------------------------------------------------- compare
 
 
@@ -207,8 +231,9 @@ def forward_pair(
 ) -> tuple[dict, dict]:
     """Build the source twin, convert it into the other, run both.
 
-    Returns (source, target, truth) intermediates; truth is the float64 NumPy reference on the same
-    (rounded) weights and input for bfloat16, where the tolerance uses it, and None otherwise."""
+    Returns (source, target, truth) intermediates; truth is the float64 NumPy reference on the source
+    twin's own (rounded) weights and the same input for bfloat16, where the tolerance uses it, and
+    None otherwise."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     jax_device = _default_jax_device(jax_device)
@@ -225,8 +250,8 @@ def forward_pair(
             wc.flax_to_torch(source, target)
             ref, other = run_flax(source, x, jax_device), run_torch(target, x, torch_device)
     truth = None
-    if tolerance_for(dtype).truth_factor is not None:
-        truth = block_forward(wc.export(source), x, cfg)
+    if tolerance_for(dtype).truth_factor is not None:  # from the source's own weights, not the table's
+        truth = block_forward(native_weights(source), x, cfg)
     return ref, other, truth
 
 

@@ -58,10 +58,14 @@ SABOTAGED_TABLES = {
 
 @pytest.mark.parametrize("case", list(SABOTAGED_TABLES))
 @pytest.mark.parametrize("direction", h.DIRECTIONS)
-def test_wrong_table_entry_fails_at_its_sublayer(monkeypatch, case, direction):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_wrong_table_entry_fails_at_its_sublayer(monkeypatch, case, direction, dtype):
+    """In bfloat16 the float64 truth (which widens the sublayer bounds) comes from the source twin's
+    own weights: built through the table, it moved with the bug, and jax->torch rows then passed
+    ("q and k swapped", "ln_1 and ln_2 biases swapped") or blamed `out`."""
     edit, where = SABOTAGED_TABLES[case]
     _sabotage_table(monkeypatch, edit)
-    r = h.forward_check(CFG, "float32", direction)
+    r = h.forward_check(CFG, dtype, direction)
     assert not r.passed
     assert r.first_divergence == where
 

@@ -34,7 +34,8 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = tcfg.lr_at(step)  # the shared schedule, set explicitly instead of LambdaLR
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+    autocast = autocast_dtype is not None
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast):
         logits = model(x)
     loss = loss_fn(logits, y)
     loss.backward()
