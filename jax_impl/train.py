@@ -165,8 +165,8 @@ class Trainer:
     def rng_state(self) -> dict:
         keys = nnx.state(self.sync_model(), nnx.RngKey)
         leaves = jax.tree_util.tree_leaves_with_path(keys)
-        return {"jax_rng": {"/".join(map(str, flax_path(kp))): np.asarray(jax.random.key_data(k)).tolist()
-                            for kp, k in leaves}}  # fmt: skip
+        key_data = lambda k: np.asarray(jax.random.key_data(k)).tolist()  # noqa: E731
+        return {"jax_rng": {"/".join(map(str, flax_path(kp))): key_data(k) for kp, k in leaves}}
 
     def set_rng_state(self, saved: dict) -> None:
         if "jax_rng" not in saved:

@@ -84,16 +84,16 @@ td, th {{ padding: 6px 13px; border: 1px solid #ccc; }}
 const probe = document.createElement("pre");
 probe.style.cssText = "position: absolute; visibility: hidden; padding: 0";
 probe.textContent = "x".repeat(100);
-document.body.appendChild(probe);
+document.querySelector("article").appendChild(probe);
 const slack = 3 * probe.getBoundingClientRect().width / 100;  // SLACK_CHARS characters of code
 const over = [];
 for (const el of document.querySelectorAll("article pre, article table")) {{
-  if (el.scrollWidth > el.clientWidth + (el.tagName === "PRE" ? slack : 1))
+  if (el !== probe && el.scrollWidth > el.clientWidth + (el.tagName === "PRE" ? slack : 1))
     over.push({{tag: el.tagName, text: el.innerText.split("\\n")[0].slice(0, 60),
                scroll: el.scrollWidth, client: el.clientWidth}});
 }}
 document.getElementById("measured").textContent = JSON.stringify(
-  {{page: document.documentElement.scrollWidth, blocks: document.querySelectorAll("article pre").length, over}});
+  {{page: document.documentElement.scrollWidth, slack, blocks: document.querySelectorAll("article pre").length, over}});
 </script></body></html>"""
 
 
@@ -110,7 +110,7 @@ def render_in_chromium(markdown_text: str, tmp_path, screenshot: str | None = No
     page.write_text(PAGE.format(width=PAGE_WIDTH, body=body), encoding="utf-8")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={PAGE_WIDTH},1400"]  # fmt: skip
+             "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={PAGE_WIDTH},1400"]  # fmt: skip
     run = lambda *extra: subprocess.run([CHROMIUM, *flags, *extra, page.as_uri()],  # noqa: E731
                                         capture_output=True, text=True, timeout=120)  # fmt: skip
     dom = run("--dump-dom").stdout
