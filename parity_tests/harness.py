@@ -10,6 +10,7 @@ the first sublayer whose error is over tolerance.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -19,8 +20,8 @@ import numpy as np
 import weight_conversion as wc
 from twin_common import BlockConfig
 from twin_common.precision import matched_precision
-from twin_common.reference import block_forward
-from twin_common.tolerances import ROUNDTRIP_TOLERANCE, tolerance_for
+from twin_common.reference import block_forward, block_sublayers, cross_entropy
+from twin_common.tolerances import BF16_SUBLAYER_ULPS, LOSS_REL_TOLERANCE, ROUNDTRIP_TOLERANCE, tolerance_for
 
 INTERMEDIATES = ("ln_1", "attn", "resid_1", "ln_2", "mlp", "out")
 DIRECTIONS = ("torch->jax", "jax->torch")
@@ -373,4 +374,77 @@ def golden_check(framework: str, n_heads: int, dtype: str, device=None, path: st
     return Result(
         "golden", list(x.shape), dtype, *names, f"golden->{framework}",
         *compare(refs[n_heads], got, dtype), config=_config_summary(cfg),
+    )  # fmt: skip
+
+
+def _bf16_ulp(peak: float) -> float:
+    return 2.0 ** (math.floor(math.log2(peak)) - tolerance_for("bfloat16").mantissa_bits) if peak else 0.0
+
+
+def bf16_sublayer_check(framework: str, cfg: BlockConfig, device=None, seed: int = 0) -> Result:
+    """One twin alone in bfloat16: each sublayer against float64 applied to the twin's own bf16 input
+    to that sublayer, within BF16_SUBLAYER_ULPS. Twin-vs-twin rows cannot see a bug that both
+    frameworks would round alike, nor one inside a sublayer that the allowance for the source's own
+    error absorbs (LayerNorm statistics in bfloat16 passed them); this row judges each twin alone."""
+    x = make_input(LESSON_SHAPE, "bfloat16", seed)
+    with matched_precision():
+        if framework == "torch":
+            device = device or "cpu"
+            model = new_torch_block(cfg, "bfloat16", device, seed)
+            inter, names = run_torch(model, x, device), (device, None)
+        else:
+            device = _default_jax_device(device)
+            model = new_flax_block(cfg, "bfloat16", device, seed)
+            inter, names = run_flax(model, x, device), (None, device.platform)
+    truth = block_sublayers(native_weights(model), x, cfg, inter)
+    first = detail = None
+    for name in INTERMEDIATES:
+        err = float(np.max(np.abs(inter[name] - truth[name])))
+        ulp = _bf16_ulp(float(np.max(np.abs(truth[name]))))
+        if not err <= BF16_SUBLAYER_ULPS[name] * ulp:
+            first = name
+            detail = f"{name}: {err / ulp:.2f} ulps > {BF16_SUBLAYER_ULPS[name]:g}"
+            break
+    out_err = float(np.max(np.abs(inter["out"] - truth["out"])))
+    peak = float(np.max(np.abs(truth["out"])))
+    return Result(
+        "sublayers_vs_f64", list(LESSON_SHAPE), "bfloat16", *names, f"{framework}:{cfg.attn_impl}",
+        out_err, out_err / peak, BF16_SUBLAYER_ULPS["out"] * _bf16_ulp(peak), first is None, first, detail,
+        config=_config_summary(cfg),
+    )  # fmt: skip
+
+
+def loss_check(framework: str, seed: int = 0) -> Result:
+    """A twin's loss_fn on bfloat16 logits against a float64 cross-entropy of the same logits; the
+    tolerance is relative (LOSS_REL_TOLERANCE). Only bfloat16 shows a loss computed in low precision."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    shape = [4, 16, 64]  # (B, T, V): the small GPT's batch
+    logits = (3.0 * rng.standard_normal(shape)).astype(ml_dtypes.bfloat16)
+    targets = rng.integers(0, shape[-1], shape[:2])
+    truth = cross_entropy(logits, targets)
+    if framework == "torch":
+        import torch
+
+        import torch_impl.gpt as tg
+        from weight_conversion.torch_side import numpy_to_tensor
+
+        got, names = float(tg.loss_fn(numpy_to_tensor(logits), torch.from_numpy(targets))), ("cpu", None)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        import jax_impl.gpt as jg
+
+        with jax.default_device(jax_devices()["cpu"]):
+            got = float(jg.loss_fn(jnp.asarray(logits), jnp.asarray(targets, jnp.int32)))
+        names = (None, "cpu")
+    err = abs(got - truth)
+    rel = err / abs(truth)
+    passed = rel <= LOSS_REL_TOLERANCE
+    return Result(
+        "loss_vs_f64", shape, "bfloat16", *names, f"{framework}:loss_fn", err, rel, LOSS_REL_TOLERANCE,
+        passed, None if passed else "loss", None if passed else f"loss: relative {rel:.1e} > {LOSS_REL_TOLERANCE:.0e}",
+        config={"model": "gpt"},
     )  # fmt: skip

@@ -7,6 +7,8 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
                       directions, every intermediate compared; float32, float64, bfloat16
   attn_fused_vs_math  fused attention against the explicit math path, within each framework
   golden              each twin alone against the committed float64 reference
+  sublayers_vs_f64    each twin alone in bfloat16: every sublayer against float64 on its own input
+  loss_vs_f64         each twin's loss on bfloat16 logits against a float64 cross-entropy
   roundtrip           torch -> Flax -> torch and back through safetensors files, bit for bit
   grad                every parameter gradient (and the block's input gradient), block and small GPT
   train_step          20 AdamW steps (warmup + cosine, clipping) of a small GPT in both frameworks
@@ -17,6 +19,7 @@ All run under matched precision (full-float32 matmuls in both frameworks). Exits
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -93,6 +96,15 @@ def plan(dtypes, heads, torch_devices, jax_devices):
             for jname, jdev in jax_devices.items():
                 yield Planned(f"golden jax:{jname} {dtype} heads={n_heads}", "golden", ("jax",),
                               lambda d=dtype, n=n_heads, j=jdev: h.golden_check("jax", n, d, j))
+    if "bfloat16" in dtypes:  # each twin alone against float64: sublayers and the loss
+        for framework, devices in (("torch", {t: t for t in torch_devices}), ("jax", jax_devices)):
+            for dname, dev in devices.items():
+                for impl in ("fused", "math"):
+                    c = dataclasses.replace(cfg, attn_impl=impl)
+                    yield Planned(f"bf16 sublayers vs float64 {framework}:{dname} {impl}", "sublayers_vs_f64",
+                                  (framework,), lambda f=framework, c=c, d=dev: h.bf16_sublayer_check(f, c, d))
+            yield Planned(f"bf16 loss vs float64 {framework}", "loss_vs_f64", (framework,),
+                          lambda f=framework: h.loss_check(f))
     for dtype in tuple(dtypes) + (("float16",) if "bfloat16" in dtypes else ()):
         for start in ("torch", "jax"):
             yield Planned(f"roundtrip {start} {dtype}", "roundtrip", both,
