@@ -45,7 +45,7 @@ class GPT(nnx.Module):
             )  # fmt: skip
 
     def __call__(self, idx: jax.Array, return_intermediates: bool = False):
-        try:  # the ids' values are only visible outside jit; under jit the Trainer checks them
+        try:  # the ids' values are only visible outside jit; under jit the Trainer checks the batch
             value_range = (int(idx.min()), int(idx.max())) if idx.size else None
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
             value_range = None

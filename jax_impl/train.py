@@ -19,12 +19,8 @@ from flax import nnx
 from jax_impl.gpt import GPT, loss_fn
 from twin_common.checks import check_token_input
 from twin_common.train_config import TrainConfig
+from weight_conversion.flax_side import flax_path
 from weight_conversion.table import table_for
-
-
-def flax_path(keypath) -> tuple:
-    """A pytree key path into an nnx.State -> the table's Flax path, e.g. ("blocks", 0, "ln_1", "scale")."""
-    return tuple(k.key for k in keypath if isinstance(k, jax.tree_util.DictKey))
 
 
 def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformation:
@@ -45,7 +41,10 @@ def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformat
 def make_optimizer(model: GPT, tcfg: TrainConfig) -> optax.GradientTransformation:
     """Clipping, then AdamW with a decay mask built from the conversion table (matrices only)."""
     decay = {spec.flax_path: spec.decay for spec in table_for(model.cfg)}
-    mask = lambda params: jax.tree_util.tree_map_with_path(lambda kp, _: decay[flax_path(kp)], params)  # noqa: E731
+
+    def mask(params):
+        return jax.tree_util.tree_map_with_path(lambda kp, _: decay[flax_path(kp)], params)
+
     # the shared schedule as a table, one entry past the last step (= min_lr, as lr_at gives torch)
     lrs = jnp.asarray(tcfg.lr_table(tcfg.steps + 1), dtype=jnp.float32)
     schedule = lambda count: lrs[jnp.minimum(count, tcfg.steps)]  # noqa: E731
@@ -132,7 +131,8 @@ class Trainer:
         are uncommitted, the step's outputs committed, and jit compiles once for each kind: without
         this the first two steps compile twice."""
         device = jax.tree.leaves(self.params)[0].sharding  # where the model was built
-        self.params, self.opt_state, self.rest = jax.device_put((self.params, self.opt_state, self.rest), device)
+        state = (self.params, self.opt_state, self.rest)
+        self.params, self.opt_state, self.rest = jax.device_put(state, device)
 
     def eval_loss(self, x, y) -> float:
         return float(self._eval_loss(self.params, self.rest, jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)))
@@ -164,8 +164,9 @@ class Trainer:
 
     def rng_state(self) -> dict:
         keys = nnx.state(self.sync_model(), nnx.RngKey)
-        return {"jax_rng": {"/".join(map(str, flax_path(kp))): np.asarray(jax.random.key_data(k)).tolist()
-                            for kp, k in jax.tree_util.tree_leaves_with_path(keys)}}  # fmt: skip
+        leaves = jax.tree_util.tree_leaves_with_path(keys)
+        key_data = lambda k: np.asarray(jax.random.key_data(k)).tolist()  # noqa: E731
+        return {"jax_rng": {"/".join(map(str, flax_path(kp))): key_data(k) for kp, k in leaves}}
 
     def set_rng_state(self, saved: dict) -> None:
         if "jax_rng" not in saved:

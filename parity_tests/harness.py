@@ -10,6 +10,7 @@ the first sublayer whose error is over tolerance.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -19,8 +20,8 @@ import numpy as np
 import weight_conversion as wc
 from twin_common import BlockConfig
 from twin_common.precision import matched_precision
-from twin_common.reference import block_forward
-from twin_common.tolerances import ROUNDTRIP_TOLERANCE, tolerance_for
+from twin_common.reference import block_forward, block_sublayers, cross_entropy
+from twin_common.tolerances import BF16_SUBLAYER_ULPS, LOSS_REL_TOLERANCE, ROUNDTRIP_TOLERANCE, tolerance_for
 
 INTERMEDIATES = ("ln_1", "attn", "resid_1", "ln_2", "mlp", "out")
 DIRECTIONS = ("torch->jax", "jax->torch")
@@ -43,14 +44,29 @@ class Result:
     max_rel_err: float
     tolerance: float
     passed: bool
-    first_divergence: str | None
-    config: dict
+    first_divergence: str | None  # the sublayer or parameter named by the check's rule, or "error"
+    divergence_detail: str | None = None  # its error against its bound, for the report's table
+    config: dict = dataclasses.field(default_factory=dict)
+    error: str | None = None  # the exception of a check that raised (then passed is False)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------- devices
+
+
+def framework_missing(name: str) -> str | None:
+    """Why ``name`` ("torch" or "jax") cannot run here (e.g. torch on a TPU VM), or None if it can."""
+    import importlib
+
+    modules = ("torch",) if name == "torch" else ("jax", "flax", "optax")
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except ImportError as e:
+        return f"{name} is not installed ({e})"
+    return None
 
 
 def torch_devices() -> list[str]:
@@ -134,6 +150,30 @@ def run_flax(model, x: np.ndarray, jax_device) -> dict[str, np.ndarray]:
     return {k: np.asarray(v).astype(np.float64) for k, v in inter.items()}
 
 
+def native_weights(model) -> dict[str, np.ndarray]:
+    """A twin's parameters as float64 arrays in torch layout, read by each framework's own naming
+    rules and NOT through the conversion table: the float64 truth must not move with a converter bug.
+
+    torch: ``state_dict()`` as it is. Flax: ``kernel`` (in, out) is ``weight`` (out, in), and a
+    LayerNorm's ``scale`` is ``weight`` (Flax's conventions for nnx.Linear / nnx.LayerNorm)."""
+    if any(cls.__module__.startswith("torch.") for cls in type(model).__mro__):
+        from weight_conversion.torch_side import tensor_to_numpy
+
+        return {k: tensor_to_numpy(v).astype(np.float64) for k, v in model.state_dict().items()}
+    from flax import nnx
+
+    weights = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        *module, leaf = (str(p) for p in path)
+        value = np.asarray(var.get_value()).astype(np.float64)
+        if leaf == "kernel":
+            leaf, value = "weight", value.T
+        elif leaf == "scale":
+            leaf = "weight"
+        weights[".".join([*module, leaf])] = value
+    return weights
+
+
 # --------------------------------------------------------------------------------------- compare
 
 
@@ -142,12 +182,13 @@ def compare(
     other: Mapping[str, np.ndarray],
     dtype: str,
     truth: Mapping[str, np.ndarray] | None = None,
-) -> tuple[float, float, float, bool, str | None]:
-    """(max_abs_err, max_rel_err, tolerance, passed, first_divergence) of the output, with every
-    intermediate also held to its own tolerance; the first one over it is the divergence point.
+) -> tuple[float, float, float, bool, str | None, str | None]:
+    """(max_abs_err, max_rel_err, tolerance, passed, first_divergence, detail) of the output, with
+    every intermediate also held to its own tolerance; the first one over it is the divergence
+    point, and ``detail`` gives its error and bound (the output's error may be within tolerance).
     ``truth`` (float64 intermediates from the same weights) enables the bf16 allowance."""
     tol = tolerance_for(dtype)
-    first = None
+    first = detail = None
     for name in INTERMEDIATES:
         err = float(np.max(np.abs(reference[name] - other[name])))
         if name == "out":
@@ -155,13 +196,13 @@ def compare(
         else:
             bound = tol.intermediate_bound(reference[name], None if truth is None else truth[name])
         if not err <= bound:  # "not <=" so that NaN fails
-            first = name
+            first, detail = name, f"{name}: {err:.2e} > {bound:.1e}"
             break
     ref, out = reference["out"], other["out"]
     max_abs = float(np.max(np.abs(ref - out)))
     peak = float(np.max(np.abs(ref)))
     max_rel = max_abs / peak if peak else float(max_abs != 0)
-    return max_abs, max_rel, tol.bound(ref), first is None, first
+    return max_abs, max_rel, tol.bound(ref), first is None, first, detail
 
 
 def _config_summary(cfg: BlockConfig) -> dict:
@@ -191,8 +232,9 @@ def forward_pair(
 ) -> tuple[dict, dict]:
     """Build the source twin, convert it into the other, run both.
 
-    Returns (source, target, truth) intermediates; truth is the float64 NumPy reference on the same
-    (rounded) weights and input for bfloat16, where the tolerance uses it, and None otherwise."""
+    Returns (source, target, truth) intermediates; truth is the float64 NumPy reference on the source
+    twin's own (rounded) weights and the same input for bfloat16, where the tolerance uses it, and
+    None otherwise."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     jax_device = _default_jax_device(jax_device)
@@ -209,8 +251,8 @@ def forward_pair(
             wc.flax_to_torch(source, target)
             ref, other = run_flax(source, x, jax_device), run_torch(target, x, torch_device)
     truth = None
-    if tolerance_for(dtype).truth_factor is not None:
-        truth = block_forward(wc.export(source), x, cfg)
+    if tolerance_for(dtype).truth_factor is not None:  # from the source's own weights, not the table's
+        truth = block_forward(native_weights(source), x, cfg)
     return ref, other, truth
 
 
@@ -332,4 +374,77 @@ def golden_check(framework: str, n_heads: int, dtype: str, device=None, path: st
     return Result(
         "golden", list(x.shape), dtype, *names, f"golden->{framework}",
         *compare(refs[n_heads], got, dtype), config=_config_summary(cfg),
+    )  # fmt: skip
+
+
+def _bf16_ulp(peak: float) -> float:
+    return 2.0 ** (math.floor(math.log2(peak)) - tolerance_for("bfloat16").mantissa_bits) if peak else 0.0
+
+
+def bf16_sublayer_check(framework: str, cfg: BlockConfig, device=None, seed: int = 0) -> Result:
+    """One twin alone in bfloat16: each sublayer against float64 applied to the twin's own bf16 input
+    to that sublayer, within BF16_SUBLAYER_ULPS. Twin-vs-twin rows cannot see a bug that both
+    frameworks would round alike, nor one inside a sublayer that the allowance for the source's own
+    error absorbs (LayerNorm statistics in bfloat16 passed them); this row judges each twin alone."""
+    x = make_input(LESSON_SHAPE, "bfloat16", seed)
+    with matched_precision():
+        if framework == "torch":
+            device = device or "cpu"
+            model = new_torch_block(cfg, "bfloat16", device, seed)
+            inter, names = run_torch(model, x, device), (device, None)
+        else:
+            device = _default_jax_device(device)
+            model = new_flax_block(cfg, "bfloat16", device, seed)
+            inter, names = run_flax(model, x, device), (None, device.platform)
+    truth = block_sublayers(native_weights(model), x, cfg, inter)
+    first = detail = None
+    for name in INTERMEDIATES:
+        err = float(np.max(np.abs(inter[name] - truth[name])))
+        ulp = _bf16_ulp(float(np.max(np.abs(truth[name]))))
+        if not err <= BF16_SUBLAYER_ULPS[name] * ulp:
+            first = name
+            detail = f"{name}: {err / ulp:.2f} ulps > {BF16_SUBLAYER_ULPS[name]:g}"
+            break
+    out_err = float(np.max(np.abs(inter["out"] - truth["out"])))
+    peak = float(np.max(np.abs(truth["out"])))
+    return Result(
+        "sublayers_vs_f64", list(LESSON_SHAPE), "bfloat16", *names, f"{framework}:{cfg.attn_impl}",
+        out_err, out_err / peak, BF16_SUBLAYER_ULPS["out"] * _bf16_ulp(peak), first is None, first, detail,
+        config=_config_summary(cfg),
+    )  # fmt: skip
+
+
+def loss_check(framework: str, seed: int = 0) -> Result:
+    """A twin's loss_fn on bfloat16 logits against a float64 cross-entropy of the same logits; the
+    tolerance is relative (LOSS_REL_TOLERANCE). Only bfloat16 shows a loss computed in low precision."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    shape = [4, 16, 64]  # (B, T, V): the small GPT's batch
+    logits = (3.0 * rng.standard_normal(shape)).astype(ml_dtypes.bfloat16)
+    targets = rng.integers(0, shape[-1], shape[:2])
+    truth = cross_entropy(logits, targets)
+    if framework == "torch":
+        import torch
+
+        import torch_impl.gpt as tg
+        from weight_conversion.torch_side import numpy_to_tensor
+
+        got, names = float(tg.loss_fn(numpy_to_tensor(logits), torch.from_numpy(targets))), ("cpu", None)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        import jax_impl.gpt as jg
+
+        with jax.default_device(jax_devices()["cpu"]):
+            got = float(jg.loss_fn(jnp.asarray(logits), jnp.asarray(targets, jnp.int32)))
+        names = (None, "cpu")
+    err = abs(got - truth)
+    rel = err / abs(truth)
+    passed = rel <= LOSS_REL_TOLERANCE
+    return Result(
+        "loss_vs_f64", shape, "bfloat16", *names, f"{framework}:loss_fn", err, rel, LOSS_REL_TOLERANCE,
+        passed, None if passed else "loss", None if passed else f"loss: relative {rel:.1e} > {LOSS_REL_TOLERANCE:.0e}",
+        config={"model": "gpt"},
     )  # fmt: skip

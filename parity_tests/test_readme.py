@@ -11,7 +11,8 @@ pytest.importorskip("torch", reason="the snippets use both frameworks")
 pytest.importorskip("flax", reason="the snippets use both frameworks")
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-SNIPPETS = re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
+with open(README) as _f:
+    SNIPPETS = re.findall(r"```python\n(.*?)```", _f.read(), re.S)
 
 
 def test_readme_has_snippets():

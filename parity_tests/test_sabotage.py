@@ -18,6 +18,7 @@ import jax_impl.block as jb
 import weight_conversion.flax_side
 import weight_conversion.torch_side
 from parity_tests import harness as h
+from parity_tests.bf16_bugs import BF16_BUGS, NOT_SEEN
 from parity_tests.pitfalls import flax_layer_norm
 from scripts import parity_report
 from twin_common import BlockConfig
@@ -58,10 +59,14 @@ SABOTAGED_TABLES = {
 
 @pytest.mark.parametrize("case", list(SABOTAGED_TABLES))
 @pytest.mark.parametrize("direction", h.DIRECTIONS)
-def test_wrong_table_entry_fails_at_its_sublayer(monkeypatch, case, direction):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_wrong_table_entry_fails_at_its_sublayer(monkeypatch, case, direction, dtype):
+    """In bfloat16 the float64 truth (which widens the sublayer bounds) comes from the source twin's
+    own weights: built through the table, it moved with the bug, and jax->torch rows then passed
+    ("q and k swapped", "ln_1 and ln_2 biases swapped") or blamed `out`."""
     edit, where = SABOTAGED_TABLES[case]
     _sabotage_table(monkeypatch, edit)
-    r = h.forward_check(CFG, "float32", direction)
+    r = h.forward_check(CFG, dtype, direction)
     assert not r.passed
     assert r.first_divergence == where
 
@@ -95,3 +100,35 @@ def test_report_exits_nonzero_and_names_the_sublayer(monkeypatch, tmp_path, caps
     forward = [r for r in doc["results"] if r["check"] == "forward"]
     assert forward and all(not r["passed"] and r["first_divergence"] == "ln_1" for r in forward)
     assert "FAIL" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------- bfloat16-only bugs
+
+
+def _one_twin_bf16_rows(framework):
+    rows = [h.bf16_sublayer_check(framework, dataclasses.replace(CFG, attn_impl=impl)) for impl in ("fused", "math")]
+    return rows + [h.loss_check(framework)]
+
+
+SEEN = [name for name in BF16_BUGS if name not in NOT_SEEN]
+
+
+@pytest.mark.parametrize("name", SEEN)
+def test_bf16_only_bug_fails_a_one_twin_row(name):
+    """Each bug computes exactly the right thing in float32: the twin-vs-twin rows let all but one
+    of them through (bf16_bugs.py has the measurements); the rows against float64 must not."""
+    framework, bug = BF16_BUGS[name]
+    with bug():
+        failed = [r for r in _one_twin_bf16_rows(framework) if not r.passed]
+    assert failed, f"{name} went unnoticed"
+    expected = "loss" if "loss" in name else "ln_1"
+    assert all(r.first_divergence == expected for r in failed), [r.divergence_detail for r in failed]
+
+
+@pytest.mark.parametrize("name", NOT_SEEN)
+@pytest.mark.xfail(strict=True, reason="below the output's own rounding (measured in bf16_bugs.py)")
+def test_bf16_softmax_bug_is_not_seen_at_the_attention_output(name):
+    """Recorded, not hidden: if a check starts to see this bug, this xfail turns into a failure."""
+    framework, bug = BF16_BUGS[name]
+    with bug():
+        assert not all(r.passed for r in _one_twin_bf16_rows(framework))

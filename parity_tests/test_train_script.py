@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def _final_weights(out) -> dict:
 
 def _snapshot(folder) -> dict:
     return {
-        os.path.join(root, n): open(os.path.join(root, n), "rb").read()
+        os.path.join(root, n): pathlib.Path(root, n).read_bytes()
         for root, _, names in os.walk(folder) for n in names
     }  # fmt: skip
 
@@ -74,7 +75,7 @@ def test_user_data_trains_and_resumes_in_the_other_framework(tmp_path):
     assert code == 0
     weights, meta = _final_weights(out)
     assert meta["step"] == 6 and meta["framework"] == "jax"
-    lines = [json.loads(line) for line in open(out / "log.jsonl")]
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(6))
 
 
@@ -97,7 +98,7 @@ def test_resume_refuses_another_config_and_a_corrupt_checkpoint(tmp_path, capsys
                    "--seq-len", "16", "--steps", "4", "--resume"]) == 2  # fmt: skip
     assert "config field 'd_model'" in capsys.readouterr().err
     assert _snapshot(out) == before
-    ckpt = out / json.load(open(out / "latest.json"))["checkpoint"]
+    ckpt = out / json.loads((out / "latest.json").read_text())["checkpoint"]
     ckpt.write_bytes(ckpt.read_bytes()[:-100])  # truncated
     assert _run(out, "--steps", "4", "--resume") == 2
     assert "corrupt or truncated" in capsys.readouterr().err
@@ -141,7 +142,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, framework):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    at = json.load(open(killed / "latest.json"))["step"]
+    at = json.loads((killed / "latest.json").read_text())["step"]
     assert 0 < at < steps
     subprocess.run([*cmd, "--out", str(killed), "--resume"], cwd=REPO, check=True, capture_output=True)
 
@@ -161,7 +162,7 @@ def test_bf16_mixed_precision_trains_with_float32_master_weights(tmp_path, frame
     assert code == 0
     weights, _ = _final_weights(out)  # load_checkpoint insists on float32
     assert all(v.dtype == np.float32 for v in weights.values())
-    losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl")]
+    losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(losses) == 12 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < losses[0] - 0.1, f"bf16 training did not learn: {losses}"
 

@@ -22,7 +22,9 @@ from weight_conversion.table import table_for
 # Small enough for 2 CPU cores, with every kind of parameter: tied embeddings, several blocks.
 SMALL_GPT = GPTConfig(vocab_size=64, block_size=16, n_layers=2, d_model=32, n_heads=4)
 TRAJECTORY = TrainConfig(steps=20, batch_size=4, seq_len=16, lr=3e-3, min_lr=3e-4, warmup_steps=5)
-TRAIN_TOLERANCE = 1e-5  # issue 3's bound, float32 on CPU: per-step loss rel diff and final params
+# float32 on CPU, per-step loss relative difference and final parameters: measured 2.3e-7 and 9.8e-7
+# here, so 10x headroom, while a wrong pinned default (clipping epsilon, decay mask) costs more.
+TRAIN_TOLERANCE = 1e-5
 # The key bias adds q . b_k to every score in a row, and softmax ignores a constant added to a row:
 # its exact gradient is 0 and its value changes no output. In float32 its gradient is rounding noise
 # (~1e-10), which Adam divides by its own RMS, so each framework moves it by a different random walk
@@ -103,7 +105,7 @@ def _flax_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_
     from flax import nnx
 
     from jax_impl.gpt import loss_fn
-    from jax_impl.train import flax_path
+    from weight_conversion.flax_side import flax_path
 
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -148,18 +150,16 @@ def grad_check(model: str, dtype: str, direction: str, seed: int = 0) -> Result:
     ref, got = (g_t, g_j) if direction == "torch->jax" else (g_j, g_t)
     tol = tolerance_for(dtype)
     order = (["input"] if "input" in ref else []) + [s.torch_key for s in table_for(cfg)]
-    worst, peak, first = 0.0, 0.0, None
+    worst, peak = 0.0, 0.0
     for key in order:
         a, b = ref[key].astype(np.float64), got[key].astype(np.float64)
-        err = float(np.max(np.abs(a - b)))
-        if not err <= tol.bound(a) and first is None:
-            first = key
-        worst, peak = _worse(worst, err), max(peak, float(np.max(np.abs(a))))
+        worst, peak = _worse(worst, float(np.max(np.abs(a - b)))), max(peak, float(np.max(np.abs(a))))
+    first, detail = worst_offender({k: ref[k] for k in order}, {k: got[k] for k in order}, tol.bound)
     worst_rel = worst / peak if peak else float(worst != 0)  # against the largest gradient
     shape = list(h.LESSON_SHAPE) if not is_gpt else [4, cfg.block_size]
     return Result(
         "grad", shape, dtype, "cpu", "cpu", direction, worst, worst_rel, tol.atol or 0.0,
-        first is None, first, config={"model": model, **dataclasses.asdict(cfg)},
+        first is None, first, detail, config={"model": model, **dataclasses.asdict(cfg)},
     )  # fmt: skip
 
 
@@ -216,16 +216,34 @@ def _worst(values) -> float:
     return worst
 
 
-def _compare_weights(a: dict, b: dict) -> tuple[float, str | None]:
-    worst, first = 0.0, None
-    for key in a:
-        if key.endswith(OUTPUT_INVARIANT_SUFFIXES):
+def worst_offender(ref: dict, got: dict, bound) -> tuple[str | None, str | None]:
+    """(name, detail) of the parameter to blame, or (None, None) if every one is within its bound.
+
+    The rule: among the arrays whose max abs error exceeds ``bound(reference)``, the one with the
+    largest relative error max|a - b| / max|a|. A bug in one parameter (its conversion, its optimizer
+    state) reaches every gradient and every later update, so the first key over its bound in table
+    order (the embedding, the input) is rarely where the cause is; the largest relative error is."""
+    name, rel_worst, detail = None, -1.0, None
+    for key, a in ref.items():
+        a, b = a.astype(np.float64), got[key].astype(np.float64)
+        err = float(np.max(np.abs(a - b)))
+        if err <= bound(a):
             continue
-        err = float(np.max(np.abs(a[key].astype(np.float64) - b[key].astype(np.float64))))
-        if not err <= TRAIN_TOLERANCE and first is None:
-            first = key
-        worst = _worse(worst, err)
-    return worst, first
+        peak = float(np.max(np.abs(a)))
+        rel = err / peak if peak else float("inf")
+        rel = float("inf") if rel != rel else rel  # NaN: the worst there is
+        if rel > rel_worst:
+            name, rel_worst = key, rel
+            detail = f"{key}: {err:.2e} > {bound(a):.1e}, relative {rel:.1e} (largest relative error)"
+    return name, detail
+
+
+def _compare_weights(a: dict, b: dict) -> tuple[float, str | None, str | None]:
+    """(max abs error, parameter to blame, detail) over every parameter but the output-invariant."""
+    keys = [k for k in a if not k.endswith(OUTPUT_INVARIANT_SUFFIXES)]
+    worst = _worst(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) for k in keys)
+    first, detail = worst_offender({k: a[k] for k in keys}, {k: b[k] for k in keys}, lambda _: TRAIN_TOLERANCE)
+    return worst, first, detail
 
 
 def trajectory_check(direction: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0) -> tuple[Result, dict]:
@@ -238,12 +256,13 @@ def trajectory_check(direction: str, tcfg: TrainConfig = TRAJECTORY, seed: int =
         weights = {name: run.export()[0] for name, run in runs.items()}
     ref_name, other = ("torch", "jax") if direction == "torch->jax" else ("jax", "torch")
     rel = [abs(a - b) / abs(a) for a, b in zip(losses[ref_name], losses[other])]  # NaN stays NaN
-    w_err, w_first = _compare_weights(weights[ref_name], weights[other])
+    w_err, w_first, w_detail = _compare_weights(weights[ref_name], weights[other])
     bad_step = next((s for s, r in enumerate(rel) if not r <= TRAIN_TOLERANCE), None)
     first = f"loss at step {bad_step}" if bad_step is not None else w_first
+    detail = f"loss at step {bad_step}: relative {rel[bad_step]:.1e}" if bad_step is not None else w_detail
     result = Result(
         "train_step", [tcfg.batch_size, tcfg.seq_len], "float32", "cpu", "cpu", direction,
-        w_err, _worst(rel), TRAIN_TOLERANCE, first is None, first,
+        w_err, _worst(rel), TRAIN_TOLERANCE, first is None, first, detail,
         config={"model": "gpt", "steps": tcfg.steps, **dataclasses.asdict(SMALL_GPT)},
     )  # fmt: skip
     return result, losses
@@ -279,10 +298,12 @@ def resume_check(first: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0, path
         straight_losses = [straight.step(s) for s in range(tcfg.steps)][half:]
         uninterrupted = straight.export()[0]
     rel = _worst(abs(a_ - b_) / abs(a_) for a_, b_ in zip(straight_losses, resumed_losses))
-    w_err, w_first = _compare_weights(uninterrupted, resumed)
+    w_err, w_first, w_detail = _compare_weights(uninterrupted, resumed)
     passed = rel <= TRAIN_TOLERANCE and w_first is None
+    first = None if passed else (w_first or "loss after resume")
+    detail = None if passed else (w_detail or f"loss after resume: relative {rel:.1e}")
     return Result(
         "resume", [tcfg.batch_size, tcfg.seq_len], "float32", "cpu", "cpu", direction,
-        w_err, rel, TRAIN_TOLERANCE, passed, None if passed else (w_first or "loss after resume"),
+        w_err, rel, TRAIN_TOLERANCE, passed, first, detail,
         config={"model": "gpt", "steps": tcfg.steps, "resumed_at": half},
     )  # fmt: skip

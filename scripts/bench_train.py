@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import os
 import statistics
 import sys
@@ -23,6 +24,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU mem
 
 import numpy as np  # noqa: E402
 
+from parity_tests.harness import framework_missing  # noqa: E402
 from twin_common import GPTConfig  # noqa: E402
 from twin_common.train_config import TrainConfig  # noqa: E402
 
@@ -103,28 +105,39 @@ def main(argv=None) -> int:
                    help="force jax.nn.dot_product_attention's implementation (default: JAX chooses)")
     args = p.parse_args(argv)
 
-    import jax
-    import torch
+    # A machine may have one framework only (a TPU VM has no torch): run the modes it can.
+    missing = {name: reason for name in ("torch", "jax") if (reason := framework_missing(name))}
+    modes = [m for m in args.modes if m.split("-")[0] not in missing]
+    for name, reason in missing.items():
+        skipped = [m for m in args.modes if m.startswith(name)]
+        if skipped:
+            print(f"skipped {', '.join(skipped)}: {reason}", file=sys.stderr)
+    if not modes:
+        print("nothing to run: " + "; ".join(missing.values()), file=sys.stderr)
+        return 1
+    torch = None if "torch" in missing else importlib.import_module("torch")
+    jax = None if "jax" in missing else importlib.import_module("jax")
+    if jax is not None:
+        import jax_impl.block
 
-    import jax_impl.block
-
-    jax_impl.block.ATTENTION_IMPLEMENTATION = args.jax_attention
+        jax_impl.block.ATTENTION_IMPLEMENTATION = args.jax_attention
     cfg, default_batch = MODELS[args.model]
     batch = args.batch_size or default_batch
     seq = args.seq_len or cfg.block_size
     tcfg = TrainConfig(steps=args.warmup + args.steps + 1, batch_size=batch, seq_len=seq, warmup_steps=1)
     rng = np.random.default_rng(0)
     batches = [tuple(rng.integers(0, cfg.vocab_size, (2, batch, seq)).astype(np.int64)) for _ in range(4)]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
     print(f"model {args.model} ({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
           f"vocab {cfg.vocab_size}), batch {batch} x {seq}, {'bf16' if args.bf16 else 'float32'}; "
-          f"torch {torch.__version__} on {gpu or 'cpu'}, jax {jax.__version__} on {jax.devices()[0].platform} "
+          f"torch {torch.__version__ + ' on ' + (gpu or 'cpu') if torch else '-'}, "
+          f"jax {jax.__version__ + ' on ' + jax.devices()[0].platform if jax else '-'} "
           f"(attention: {args.jax_attention or 'JAX chooses'})",
           file=sys.stderr)  # fmt: skip
     rows = []
-    for mode in args.modes:
+    for mode in modes:
         print(f"  {mode}: warming up and timing ...", file=sys.stderr, flush=True)
         if mode.startswith("torch"):
             times, n = bench_torch(cfg, tcfg, batches, mode == "torch-compile", args.bf16, args.warmup, args.steps, device)

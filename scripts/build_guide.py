@@ -2,7 +2,8 @@
 table from running the checks in parity_tests/pitfalls.py.
 
     python -m scripts.build_guide            # regenerate everything, measurements included
-    python -m scripts.build_guide --check    # exit 1 if any code excerpt in docs/guide.md is stale
+    python -m scripts.build_guide --check    # exit 1 if any code excerpt or the prose is stale
+    python -m scripts.build_guide --check --measure  # also re-measure, exit 1 if a measured cell moved
     python -m scripts.build_guide --code-only  # refresh the excerpts, keep the measurements
 
 Directives in the template (HTML comments, so the template renders too):
@@ -48,19 +49,56 @@ def excerpt(module_name: str, dotted: str) -> tuple[str, str]:
     return source, f"../{path}#L{start}-L{start + len(lines) - 1}"
 
 
+TOKEN = re.compile(r"[A-Za-z_][\w.]*|\S")
+
+
+def _code_tokens(src: str) -> list[str]:
+    """The code tokens of ``src``: comments and docstring lines left out."""
+    lines = [line.split("#")[0] for line in src.splitlines() if not line.strip().startswith(('"""', "r\"\"\""))]
+    return [t for line in lines for t in TOKEN.findall(line)]
+
+
+def _join(tokens: list[str]) -> str:
+    """Tokens back to code: a space only between two words (``super().__init__()``, ``rngs=rngs``)."""
+    out = ""
+    for t in tokens:
+        out += (" " if out and (out[-1].isalnum() or out[-1] in "_,") and (t[0].isalnum() or t[0] == "_") else "") + t
+    return out
+
+
+def diff_summary(torch_src: str, jax_src: str, most: int = 4) -> str:
+    """One line: how many lines differ, and the first few differing code tokens, e.g.
+    "3 of 9 lines differ: `nn.Module` → `nnx.Module`, ..." (+ only in Flax, − only in torch)."""
+    a, b = torch_src.splitlines(), jax_src.splitlines()
+    same = sum(m.size for m in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks())
+    ta, tb = _code_tokens(torch_src), _code_tokens(jax_src)
+    pairs = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ta, tb, autojunk=False).get_opcodes():
+        left, right = _join(ta[i1:i2]), _join(tb[j1:j2])
+        if op != "equal" and len(left) <= 24 and len(right) <= 24 and (left, right) not in pairs:
+            pairs.append((left, right))
+    change = lambda a, b: f"`{a}` → `{b}`" if a and b else f"+`{b}` (Flax)" if b else f"−`{a}` (torch)"  # noqa: E731
+    shown = ", ".join(change(left, right) for left, right in pairs[:most])
+    more = f", and {len(pairs) - most} more" if len(pairs) > most else ""
+    head = f"{max(len(a), len(b)) - same} of {max(len(a), len(b))} lines differ"
+    return f"{head}: {shown}{more}" if shown else head
+
+
 def render_twin(name: str) -> str:
     """``module.Object`` from both packages; ``torch_name / jax_name`` where the names must differ
-    (torch's ``forward`` is NNX's ``__call__``)."""
+    (torch's ``forward`` is NNX's ``__call__``).
+
+    The two excerpts are stacked, PyTorch first, under a one-line summary of what differs: side by
+    side they needed 1550-1870 px, and a code host shows about 900 (test_guide.py measures it)."""
     torch_name, _, jax_name = (part.strip() for part in name.partition(" / "))
     module, torch_dotted = torch_name.split(".", 1)
     jax_dotted = jax_name.split(".", 1)[1] if jax_name else torch_dotted
     torch_src, torch_link = excerpt(f"torch_impl.{module}", torch_dotted)
     jax_src, jax_link = excerpt(f"jax_impl.{module}", jax_dotted)
     return (
-        "<table><tr>"
-        f'<th><a href="{torch_link}">PyTorch: torch_impl/{module}.py</a></th>'
-        f'<th><a href="{jax_link}">Flax NNX: jax_impl/{module}.py</a></th></tr>\n<tr><td>\n\n'
-        f"```python\n{torch_src}\n```\n\n</td><td>\n\n```python\n{jax_src}\n```\n\n</td></tr></table>"
+        f"_{diff_summary(torch_src, jax_src)}_\n\n"
+        f"**PyTorch** ([`torch_impl/{module}.py`]({torch_link})):\n\n```python\n{torch_src}\n```\n\n"
+        f"**Flax NNX** ([`jax_impl/{module}.py`]({jax_link})):\n\n```python\n{jax_src}\n```"
     )
 
 
@@ -79,12 +117,14 @@ def _fmt(value) -> str:
 def render_pitfalls() -> str:
     from parity_tests.pitfalls import measure_all
 
-    rows = ["| pitfall | what differs | how this project pins it | ignored | pinned | measured |",
-            "|---|---|---|---|---|---|"]  # fmt: skip
+    # One list item per pitfall, not a six-column table: the table needed 1118 px, a page has ~900.
+    items = []
     for p, m in measure_all():
-        cells = [f"**{p.title}** <a id=\"{p.id}\"></a>", p.differs, p.pinned_by, _fmt(m.ignored), _fmt(m.pinned), m.quantity]
-        rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    return "\n".join(rows)
+        items.append(
+            f"- **{p.title}** <a id=\"{p.id}\"></a>: {p.differs} *Pinned:* {p.pinned_by} "
+            f"*Measured* ({m.quantity}): ignored **{_fmt(m.ignored)}**, pinned **{_fmt(m.pinned)}**."
+        )
+    return "\n".join(item.replace("\n", " ") for item in items)
 
 
 def render_built_on() -> str:
@@ -132,9 +172,26 @@ def build(measure: bool, previous: str = "") -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+MEASURED = ("pitfalls", "built-on")  # blocks whose numbers depend on the machine that measured them
+
+
+def stale_measured(committed: str, fresh: str) -> list[str]:
+    """Measured blocks whose text differs between ``committed`` and a fresh measurement, line by line."""
+    a, b = _existing_blocks(committed), _existing_blocks(fresh)
+    problems = []
+    for name in MEASURED:
+        old, new = a.get(name, "").splitlines(), b.get(name, "").splitlines()
+        for n in range(max(len(old), len(new))):
+            x, y = (old[n] if n < len(old) else ""), (new[n] if n < len(new) else "")
+            if x != y:
+                item = re.search(r'id="([^"]+)"', x + y)
+                problems.append(f"{name}: {item.group(1) if item else f'line {n + 1}'} differs")
+    return problems
+
+
 def stale_sections(committed: str, fresh: str) -> list[str]:
     a, b = _existing_blocks(committed), _existing_blocks(fresh)
-    names = [k for k in b if k not in ("pitfalls", "built-on")]
+    names = [k for k in b if k not in MEASURED]
     problems = [f"{k}: missing from docs/guide.md" for k in names if k not in a]
     problems += [f"{k}: differs from the source" for k in names if k in a and a[k] != b[k]]
     if not problems and committed != fresh:
@@ -145,13 +202,20 @@ def stale_sections(committed: str, fresh: str) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="verify docs/guide.md is current; write nothing")
+    parser.add_argument("--measure", action="store_true",
+                        help="with --check: re-measure the pitfall cells too and compare them (takes minutes)")
     parser.add_argument("--code-only", action="store_true",
                         help="refresh the code excerpts, keep the last measurements (no checks run)")
     args = parser.parse_args(argv)
-    previous = open(OUTPUT).read() if os.path.exists(OUTPUT) else ""
+    previous = ""
+    if os.path.exists(OUTPUT):
+        with open(OUTPUT) as f:
+            previous = f.read()
     if args.check:
         fresh = build(measure=False, previous=previous)
         problems = stale_sections(previous, fresh)
+        if args.measure:
+            problems += stale_measured(previous, build(measure=True, previous=previous))
         if problems:
             print("docs/guide.md is out of date (run python -m scripts.build_guide):", file=sys.stderr)
             for p in problems:
@@ -159,7 +223,12 @@ def main(argv=None) -> int:
             diff = difflib.unified_diff(previous.splitlines(), fresh.splitlines(), "committed", "fresh", lineterm="", n=1)
             print("\n".join(list(diff)[:40]), file=sys.stderr)
             return 1
-        print("docs/guide.md is current")
+        if args.measure:
+            print("docs/guide.md is current: code excerpts, prose and measured cells")
+        else:
+            print("docs/guide.md: code excerpts and prose are current; the measured cells (pitfall figures, "
+                  "built-on line) were not re-measured. They depend on the CPU that measured them; "
+                  "--check --measure compares them on this machine")
         return 0
     text = build(measure=not args.code_only, previous=previous)
     from weight_conversion.safetensors_io import write_atomic

@@ -7,6 +7,8 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
                       directions, every intermediate compared; float32, float64, bfloat16
   attn_fused_vs_math  fused attention against the explicit math path, within each framework
   golden              each twin alone against the committed float64 reference
+  sublayers_vs_f64    each twin alone in bfloat16: every sublayer against float64 on its own input
+  loss_vs_f64         each twin's loss on bfloat16 logits against a float64 cross-entropy
   roundtrip           torch -> Flax -> torch and back through safetensors files, bit for bit
   grad                every parameter gradient (and the block's input gradient), block and small GPT
   train_step          20 AdamW steps (warmup + cosine, clipping) of a small GPT in both frameworks
@@ -17,11 +19,14 @@ All run under matched precision (full-float32 matmuls in both frameworks). Exits
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 from parity_tests import harness as h
 from twin_common import BlockConfig
@@ -33,79 +38,112 @@ from weight_conversion.safetensors_io import write_atomic
 HEAD_COUNTS = (1, 4)  # the lesson's single head, and several heads
 
 
+class Planned(NamedTuple):
+    label: str  # one progress line
+    check: str  # the check's name in the table
+    needs: tuple[str, ...]  # frameworks it needs: ("torch",), ("jax",) or both
+    run: Callable[[], h.Result]
+
+
 def training_plan(dtypes):
     """Rows for gradients, 20-step AdamW trajectories and cross-framework resume (CPU, float32/64)."""
     from parity_tests import train_harness as th
 
+    both = ("torch", "jax")
     for model in ("block", "gpt"):
         for dtype in (d for d in dtypes if d in ("float32", "float64")):
             for direction in h.DIRECTIONS:
-                yield (f"grad {model} {direction} {dtype}",
-                       lambda m=model, d=dtype, r=direction: th.grad_check(m, d, r))
+                yield Planned(f"grad {model} {direction} {dtype}", "grad", both,
+                              lambda m=model, d=dtype, r=direction: th.grad_check(m, d, r))
     if "float32" in dtypes:
         for direction in h.DIRECTIONS:
-            yield (f"train_step 20 x AdamW {direction}", lambda r=direction: th.trajectory_check(r)[0])
+            yield Planned(f"train_step 20 x AdamW {direction}", "train_step", both,
+                          lambda r=direction: th.trajectory_check(r)[0])
         for first in ("torch", "jax"):
-            yield (f"resume 10 + 10 steps from {first}", lambda f=first: th.resume_check(f))
+            yield Planned(f"resume 10 + 10 steps from {first}", "resume", both, lambda f=first: th.resume_check(f))
 
 
 def plan(dtypes, heads, torch_devices, jax_devices):
-    """Yield (label, thunk) for every check of the matrix."""
+    """Yield a Planned check for every cell of the matrix. A framework that is not installed comes
+    with torch_devices == [None] or jax_devices == {"cpu": None}: its checks are planned (and then
+    skipped by main) so that the report can say what it did not run."""
+    both = ("torch", "jax")
     for n_heads in heads:
         cfg = BlockConfig.lesson(n_heads=n_heads)
         for tdev in torch_devices:
             for jname, jdev in jax_devices.items():
                 for dtype in dtypes:
                     for direction in h.DIRECTIONS:
-                        yield (
-                            f"forward {direction} {dtype} heads={n_heads} torch:{tdev} jax:{jname}",
+                        yield Planned(
+                            f"forward {direction} {dtype} heads={n_heads} torch:{tdev} jax:{jname}", "forward", both,
                             lambda c=cfg, d=dtype, r=direction, t=tdev, j=jdev: h.forward_check(c, d, r, t, j),
                         )
     cfg = BlockConfig.lesson(n_heads=max(heads))
     for dtype in dtypes:
         for tdev in torch_devices:
-            yield (f"attention paths torch:{tdev} {dtype}",
-                   lambda d=dtype, t=tdev: h.attention_paths_check("torch", cfg, d, t))
+            yield Planned(f"attention paths torch:{tdev} {dtype}", "attn_fused_vs_math", ("torch",),
+                          lambda d=dtype, t=tdev: h.attention_paths_check("torch", cfg, d, t))
         for jname, jdev in jax_devices.items():
             if dtype == "float64":  # the Flax twin takes the math path for float64: nothing to compare
                 continue
-            yield (f"attention paths jax:{jname} {dtype}",
-                   lambda d=dtype, j=jdev: h.attention_paths_check("jax", cfg, d, j))
+            yield Planned(f"attention paths jax:{jname} {dtype}", "attn_fused_vs_math", ("jax",),
+                          lambda d=dtype, j=jdev: h.attention_paths_check("jax", cfg, d, j))
     for dtype in (d for d in dtypes if d in ("float32", "float64")):  # golden refs are not bf16
         for n_heads in heads:
             for tdev in torch_devices:
-                yield (f"golden torch:{tdev} {dtype} heads={n_heads}",
-                       lambda d=dtype, n=n_heads, t=tdev: h.golden_check("torch", n, d, t))
+                yield Planned(f"golden torch:{tdev} {dtype} heads={n_heads}", "golden", ("torch",),
+                              lambda d=dtype, n=n_heads, t=tdev: h.golden_check("torch", n, d, t))
             for jname, jdev in jax_devices.items():
-                yield (f"golden jax:{jname} {dtype} heads={n_heads}",
-                       lambda d=dtype, n=n_heads, j=jdev: h.golden_check("jax", n, d, j))
+                yield Planned(f"golden jax:{jname} {dtype} heads={n_heads}", "golden", ("jax",),
+                              lambda d=dtype, n=n_heads, j=jdev: h.golden_check("jax", n, d, j))
+    if "bfloat16" in dtypes:  # each twin alone against float64: sublayers and the loss
+        for framework, devices in (("torch", {t: t for t in torch_devices}), ("jax", jax_devices)):
+            for dname, dev in devices.items():
+                for impl in ("fused", "math"):
+                    c = dataclasses.replace(cfg, attn_impl=impl)
+                    yield Planned(f"bf16 sublayers vs float64 {framework}:{dname} {impl}", "sublayers_vs_f64",
+                                  (framework,), lambda f=framework, c=c, d=dev: h.bf16_sublayer_check(f, c, d))
+            yield Planned(f"bf16 loss vs float64 {framework}", "loss_vs_f64", (framework,),
+                          lambda f=framework: h.loss_check(f))
     for dtype in tuple(dtypes) + (("float16",) if "bfloat16" in dtypes else ()):
         for start in ("torch", "jax"):
-            yield (f"roundtrip {start} {dtype}",
-                   lambda d=dtype, s=start: h.roundtrip_check(cfg, d, s, via_file=True))
+            yield Planned(f"roundtrip {start} {dtype}", "roundtrip", both,
+                          lambda d=dtype, s=start: h.roundtrip_check(cfg, d, s, via_file=True))
 
 
-def metadata(torch_devices, jax_devices, elapsed: float) -> dict:
-    import flax
-    import jax
-    import jaxlib
+def error_result(item: Planned, error: BaseException) -> h.Result:
+    """A check that raised is a failed row carrying the error; the rest of the report still runs."""
+    message = f"{type(error).__name__}: {error}".strip()
+    return h.Result(item.check, [], "-", None, None, item.label, float("nan"), float("nan"), float("nan"),
+                    False, "error", config={}, error=message)  # fmt: skip
+
+
+def metadata(torch_devices, jax_devices, elapsed: float, missing: dict) -> dict:
+    import importlib
+
     import numpy
-    import torch
 
     with matched_precision():  # what every check ran under
         precision_in_checks = describe_precision()
+    versions = {"numpy": numpy.__version__}
+    for name in ("torch", "jax", "jaxlib", "flax"):
+        try:
+            versions[name] = importlib.import_module(name).__version__
+        except ImportError:
+            versions[name] = None
+    torch_names = {}
+    if "torch" not in missing:
+        import torch
+
+        torch_names = {d: (torch.cuda.get_device_name(0) if d == "cuda" else platform.processor() or "cpu")
+                       for d in torch_devices}  # fmt: skip
     meta = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": {
-            "torch": torch.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "flax": flax.__version__, "numpy": numpy.__version__,
-        },
-        "torch_devices": {
-            d: (torch.cuda.get_device_name(0) if d == "cuda" else platform.processor() or "cpu")
-            for d in torch_devices
-        },
-        "jax_devices": {name: str(dev.device_kind) for name, dev in jax_devices.items()},
+        "versions": versions,
+        "missing_frameworks": missing,
+        "torch_devices": torch_names,
+        "jax_devices": {name: str(dev.device_kind) for name, dev in jax_devices.items() if dev is not None},
         "precision": precision_in_checks,
         "parity_checks_run_pinned": True,
         "tolerances": {k: {"atol": t.atol, "ulps": t.ulps, "reason": t.reason} for k, t in TOLERANCES.items()},
@@ -115,13 +153,20 @@ def metadata(torch_devices, jax_devices, elapsed: float) -> dict:
     return meta
 
 
+def _divergence_cell(r: h.Result) -> str:
+    if r.error is not None:
+        one_line = " ".join(line.strip() for line in r.error.splitlines())  # the JSON has it in full
+        return "error: " + (one_line if len(one_line) <= 120 else one_line[:117] + "...")
+    return r.divergence_detail or r.first_divergence or "-"
+
+
 def format_table(results) -> str:
     headers = ("check", "model", "direction", "dtype", "torch", "jax", "heads", "max abs err",
                "max rel err", "tolerance", "result", "first divergence")  # fmt: skip
     rows = [
         (r.check, r.config.get("model", "block"), r.direction, r.dtype, r.torch_device or "-", r.jax_device or "-",
          str(r.config.get("n_heads", "-")), f"{r.max_abs_err:.2e}", f"{r.max_rel_err:.2e}",
-         f"{r.tolerance:.1e}", "PASS" if r.passed else "FAIL", r.first_divergence or "-")
+         f"{r.tolerance:.1e}", "PASS" if r.passed else "FAIL", _divergence_cell(r))
         for r in results
     ]  # fmt: skip
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
@@ -148,34 +193,49 @@ def main(argv=None) -> int:
         parser.error(f"--heads must divide d_model=128; got {bad_heads}")
 
     start = time.perf_counter()
-    torch_devices, jax_devices = h.torch_devices(), h.jax_devices()
-    checks = list(plan(args.dtypes, args.heads, torch_devices, jax_devices))
+    # A machine may have one framework only (a TPU VM has no torch): run what it can, list the rest.
+    missing = {name: reason for name in ("torch", "jax") if (reason := h.framework_missing(name))}
+    torch_devices = [None] if "torch" in missing else h.torch_devices()
+    jax_devices = {"cpu": None} if "jax" in missing else h.jax_devices()
+    planned = list(plan(args.dtypes, args.heads, torch_devices, jax_devices))
     if not args.skip_training:
-        checks += list(training_plan(args.dtypes))
+        planned += list(training_plan(args.dtypes))
+    why = lambda p: "; ".join(missing[f] for f in p.needs if f in missing)  # noqa: E731
+    checks = [p for p in planned if not why(p)]
+    skipped = [p for p in planned if why(p)]
     if not args.quiet:
         print(f"running {len(checks)} checks; torch devices {torch_devices}, "
               f"jax devices {list(jax_devices)}", file=sys.stderr)  # fmt: skip
     results = []
-    for i, (label, run) in enumerate(checks, 1):
-        result = run()
+    for i, item in enumerate(checks, 1):
+        try:
+            result = item.run()
+        except Exception as e:  # noqa: BLE001  (a raising check is a failed row, not a crashed report)
+            result = error_result(item, e)
         results.append(result)
         if not args.quiet:
             verdict = "ok" if result.passed else "FAIL"
-            print(f"[{i:3d}/{len(checks)}] {verdict:4s} {label}", file=sys.stderr, flush=True)
+            print(f"[{i:3d}/{len(checks)}] {verdict:4s} {item.label}", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
 
-    print(format_table(results))
+    print(format_table(results) if results else "(no check could run)")
     failed = [r for r in results if not r.passed]
-    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed in {elapsed:.1f} s "
+    if skipped:
+        print(f"\nskipped {len(skipped)} checks:")
+        for reason in sorted({why(p) for p in skipped}):
+            same = [p for p in skipped if why(p) == reason]
+            print(f"  {len(same)} ({', '.join(dict.fromkeys(p.check for p in same))}): {reason}")
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed, {len(skipped)} skipped in {elapsed:.1f} s "
           f"(matmul precision pinned to 'highest' in both frameworks)")  # fmt: skip
     if args.json:
-        doc = {"meta": metadata(torch_devices, jax_devices, elapsed),
-               "results": [r.to_json() for r in results]}  # fmt: skip
+        doc = {"meta": metadata(torch_devices, jax_devices, elapsed, missing),
+               "results": [r.to_json() for r in results],
+               "skipped": [{"check": p.check, "label": p.label, "reason": why(p)} for p in skipped]}  # fmt: skip
         folder = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(folder, exist_ok=True)
         write_atomic(args.json, json.dumps(doc, indent=2).encode())
         print(f"wrote {args.json}")
-    return 1 if failed else 0
+    return 1 if failed or not results else 0
 
 
 if __name__ == "__main__":

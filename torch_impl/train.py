@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from torch_impl.gpt import GPT, loss_fn
+from twin_common.checks import check_token_input
 from twin_common.train_config import TrainConfig
 from weight_conversion.table import table_for
 
@@ -33,7 +34,8 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = tcfg.lr_at(step)  # the shared schedule, set explicitly instead of LambdaLR
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+    autocast = autocast_dtype is not None
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast):
         logits = model(x)
     loss = loss_fn(logits, y)
     loss.backward()
@@ -76,6 +78,8 @@ class Trainer:
 
     def step(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on NumPy token arrays; returns device scalars (no host sync)."""
+        # the model's own id check cannot see values under torch.compile: check the batch on the host
+        check_token_input(tuple(x.shape), x.dtype.name, self.model.cfg, (int(x.min()), int(x.max())))
         loss, norm = train_step(
             self.forward_model, self.optimizer, self._tensor(x), self._tensor(y), self.tcfg,
             self.step_count, self.autocast_dtype,

@@ -1,7 +1,7 @@
 """The one config both twins are built from.
 
 Every field that has a framework default on either side is spelled out here, so neither twin ever
-falls back on a library default (see docs and ../shared/ANCHORS.md for the traps):
+falls back on a library default (docs/guide.md measures what each one costs):
 
 - ``ln_eps``: torch ``nn.LayerNorm`` defaults to 1e-5, ``nnx.LayerNorm`` to 1e-6.
 - ``gelu_approximate``: torch ``nn.GELU`` defaults to exact (erf), ``jax.nn.gelu`` to tanh.

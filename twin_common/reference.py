@@ -64,3 +64,30 @@ def block_forward(
     mlp = _linear(_gelu(_linear(ln_2, weights, "mlp.fc_in"), cfg.gelu_approximate), weights, "mlp.fc_out")
     out = resid_1 + mlp
     return dict(ln_1=ln_1, attn=attn, resid_1=resid_1, ln_2=ln_2, mlp=mlp, out=out)
+
+
+def block_sublayers(
+    weights: Mapping[str, np.ndarray], x: np.ndarray, cfg: BlockConfig, inter: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Each sublayer in float64, applied to the input that a twin's own run gave that sublayer
+    (``inter``: the twin's intermediates). Compared with the twin's output of the same sublayer,
+    the error is that sublayer's alone, not the sum of everything before it."""
+    x = np.asarray(x, np.float64)
+    f64 = {k: np.asarray(v, np.float64) for k, v in inter.items()}
+    mlp_in = _linear(f64["ln_2"], weights, "mlp.fc_in")
+    return dict(
+        ln_1=_layer_norm(x, weights, "ln_1", cfg.ln_eps),
+        attn=_attention(f64["ln_1"], weights, cfg),
+        resid_1=x + f64["attn"],
+        ln_2=_layer_norm(f64["resid_1"], weights, "ln_2", cfg.ln_eps),
+        mlp=_linear(_gelu(mlp_in, cfg.gelu_approximate), weights, "mlp.fc_out"),
+        out=f64["resid_1"] + f64["mlp"],
+    )
+
+
+def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Mean cross-entropy in float64: the truth for a twin's loss_fn."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return float(-np.take_along_axis(log_probs, np.asarray(targets)[..., None], -1).mean())

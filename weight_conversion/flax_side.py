@@ -13,6 +13,12 @@ from weight_conversion.table import FlaxPath, table_for
 from weight_conversion.validate import ConversionError, find_problems
 
 
+def flax_path(keypath) -> FlaxPath:
+    """A pytree key path into an nnx.State (parameters, gradients, optax moments) -> the table's Flax
+    path, e.g. ("blocks", 0, "ln_1", "scale")."""
+    return tuple(k.key for k in keypath if isinstance(k, jax.tree_util.DictKey))
+
+
 def _variable(model: nnx.Module, path: FlaxPath) -> nnx.Variable:
     node = model
     for part in path:

@@ -90,7 +90,7 @@ def export_optax_state(cfg, opt_state) -> tuple[dict[str, np.ndarray], int]:
     import jax
     import optax
 
-    from jax_impl.train import flax_path
+    from weight_conversion.flax_side import flax_path
 
     by_path = {spec.flax_path: spec for spec in table_for(cfg)}
     arrays = {}
@@ -111,7 +111,7 @@ def import_optax_state(cfg, opt_state, arrays: Mapping[str, np.ndarray], step: i
     import jax.numpy as jnp
     import optax
 
-    from jax_impl.train import flax_path
+    from weight_conversion.flax_side import flax_path
 
     check_optim_arrays(cfg, arrays)
     by_path = {spec.flax_path: spec for spec in table_for(cfg)}

@@ -1,0 +1,50 @@
+"""torch.compile sees the torch GPT as one graph: the token-id range check that reads values on the
+host runs only in eager mode, and the Trainer checks each batch on the host instead (as the JAX
+Trainer does for jax.jit)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch twin")
+
+from torch_impl.gpt import GPT  # noqa: E402
+from torch_impl.train import Trainer  # noqa: E402
+from twin_common import GPTConfig  # noqa: E402
+from twin_common.train_config import TrainConfig  # noqa: E402
+
+TINY = GPTConfig(vocab_size=64, block_size=16, n_layers=1, d_model=32, n_heads=4)
+
+
+def test_the_compiled_forward_has_no_graph_break():
+    """Reading idx.min()/idx.max() on the host split the graph in three (2 breaks) per forward."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(torch.randint(0, TINY.vocab_size, (2, 8)))
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+def test_the_eager_model_still_names_out_of_range_ids():
+    model = GPT(TINY).eval()
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 64\), got values in \[-1, 64\]"):
+        model(torch.tensor([[-1, 64, 3]]))
+
+
+@pytest.mark.parametrize("bad", [64, -1])
+def test_the_trainer_checks_the_batch_on_the_host(bad):
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    trainer = Trainer(model, TrainConfig(steps=2, batch_size=2, seq_len=8), compile=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = np.zeros((2, 8), np.int64)
+    x[1, 3] = bad
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 64\)"):
+        trainer.step(x, np.zeros((2, 8), np.int64))
+    assert trainer.step_count == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,98 @@
+"""The parity report as a user meets it: on a machine without torch, with a check that raises, and
+with a failure that only an intermediate shows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from parity_tests.conftest import HAVE_JAX, HAVE_TORCH
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# sys.modules["torch"] = None makes every "import torch" raise ImportError, as on a TPU VM.
+NO_TORCH = 'import sys\nsys.modules["torch"] = None\n'
+
+
+def _without_torch(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    (tmp_path / "sitecustomize.py").write_text(NO_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(not HAVE_JAX, reason="jax/flax are not installed")
+def test_report_runs_the_flax_checks_without_torch(tmp_path):
+    out = tmp_path / "report.json"
+    proc = _without_torch(tmp_path, "-m", "scripts.parity_report", "--quiet", "--skip-training",
+                          "--dtypes", "float64", "--heads", "4", "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["versions"]["torch"] is None and "torch" in doc["meta"]["missing_frameworks"]
+    ran = {(r["check"], r["direction"]) for r in doc["results"]}
+    assert ran == {("golden", "golden->jax")}
+    skipped = {s["check"] for s in doc["skipped"]}
+    assert skipped == {"forward", "attn_fused_vs_math", "golden", "roundtrip"}  # the torch twin's golden
+    assert all("torch is not installed" in s["reason"] for s in doc["skipped"])
+    assert "1 passed, 0 failed, 6 skipped" in proc.stdout and "torch is not installed" in proc.stdout
+
+
+@pytest.mark.skipif(not HAVE_JAX, reason="jax/flax are not installed")
+def test_benchmark_runs_jax_without_torch(tmp_path):
+    proc = _without_torch(tmp_path, "-m", "scripts.bench_train", "--steps", "1", "--warmup", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skipped torch-eager, torch-compile: torch is not installed" in proc.stderr
+    rows = [line.split()[0] for line in proc.stdout.splitlines()[2:]]
+    assert rows == ["jax-jit"]
+
+
+needs_both = pytest.mark.skipif(not (HAVE_TORCH and HAVE_JAX), reason="needs both frameworks")
+
+
+@needs_both
+def test_a_raising_check_is_a_failed_row_and_the_rest_still_runs(monkeypatch, tmp_path, capsys):
+    from parity_tests import harness as h
+    from scripts import parity_report
+    from weight_conversion import ConversionError
+
+    real = h.forward_check
+
+    def raising(cfg, dtype, direction, *args, **kwargs):
+        if direction == "jax->torch":
+            raise ConversionError(["attn.q_proj.weight: shape (4, 4), expected (128, 128)"])
+        return real(cfg, dtype, direction, *args, **kwargs)
+
+    monkeypatch.setattr(h, "forward_check", raising)
+    out = tmp_path / "report.json"
+    code = parity_report.main(["--quiet", "--skip-training", "--dtypes", "float64", "--heads", "4", "--json", str(out)])
+    assert code == 1
+    results = json.loads(out.read_text())["results"]
+    errors = [r for r in results if r["error"]]
+    assert len(errors) == 1 and not errors[0]["passed"] and errors[0]["check"] == "forward"
+    assert "ConversionError" in errors[0]["error"] and "attn.q_proj.weight" in errors[0]["error"]
+    assert sum(r["passed"] for r in results) == len(results) - 1  # golden, attention, roundtrip rows ran
+    table = capsys.readouterr().out
+    assert "error: ConversionError" in table and "attn.q_proj.weight" in table
+
+
+@needs_both
+def test_table_names_the_failing_intermediate_when_the_output_is_within_tolerance(monkeypatch, capsys):
+    """nnx's own LayerNorm eps: the output is off by ~3e-6 (under 1e-5), ln_1 by more than 1e-5. The
+    row's max abs err column (the output's) is under its tolerance; the last column must say why it
+    fails anyway: which sublayer, its error and its bound."""
+    import jax_impl.block as jb
+    from parity_tests.pitfalls import flax_layer_norm
+    from scripts import parity_report
+
+    monkeypatch.setattr(jb, "layer_norm", flax_layer_norm(epsilon=1e-6))
+    assert parity_report.main(["--quiet", "--skip-training", "--dtypes", "float32", "--heads", "4"]) == 1
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("forward")]
+    assert rows
+    for row in rows:
+        cells = row.split()
+        out_err, tolerance = float(cells[7]), float(cells[9])
+        assert out_err <= tolerance and cells[10] == "FAIL"
+        err, bound = float(cells[12]), float(cells[14])
+        assert cells[11] == "ln_1:" and err > bound == tolerance, row
