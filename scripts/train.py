@@ -36,7 +36,7 @@ from weight_conversion.safetensors_io import write_atomic
 MODELS = {
     "tiny": GPTConfig(vocab_size=256, block_size=32, n_layers=1, d_model=32, n_heads=2),
     "small": GPTConfig(vocab_size=256, block_size=64, n_layers=2, d_model=128, n_heads=4),
-    "gpt2": GPTConfig.gpt2_124m(),
+    "gpt2": GPTConfig.nanogpt_124m_padded(),
 }
 KEEP_CHECKPOINTS = 3
 COMPARE_BOUND = 1e-4  # issue 3: per-step relative loss difference between the twins, float32 CPU
