@@ -117,7 +117,9 @@ def hf_gpt2_check(framework: str, n_layers: int, seq: int, attn_implementation: 
         twin = import_into(framework, directory)
         reference, other = hf_run(hf, idx), twin_run(twin, idx)
     return Result(
-        "hf_gpt2", [2, seq], "float32", "cpu", None if framework == "torch" else "cpu",
-        f"transformers->{framework}", *compare_logits(reference, other),
-        config={"model": "gpt2", "n_layers": n_layers, "n_heads": HEADS, "attn": attn_implementation},
+        "hf_gpt2", [2, seq], "float32", "cpu" if framework == "torch" else None,
+        "cpu" if framework == "jax" else None, f"transformers({attn_implementation})->{framework}",
+        *compare_logits(reference, other),
+        config={"model": f"gpt2 {n_layers}L T={seq}", "n_layers": n_layers, "n_heads": HEADS,
+                "attn": attn_implementation, "seq": seq},
     )  # fmt: skip

@@ -11,6 +11,9 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
   grad                every parameter gradient (and the block's input gradient), block and small GPT
   train_step          20 AdamW steps (warmup + cosine, clipping) of a small GPT in both frameworks
   resume              10 steps in one framework, checkpoint, 10 more in the other
+  hf_gpt2             transformers' GPT2LMHeadModel (random weights, saved with save_pretrained) imported
+                      into each twin: logits, 1 and 3 layers, seq 1 and 16, eager and sdpa attention;
+                      skipped, with the reason, where transformers is not installed
 All run under matched precision (full-float32 matmuls in both frameworks). Exits 1 if any fails.
 """
 
@@ -47,6 +50,23 @@ def training_plan(dtypes):
             yield (f"train_step 20 x AdamW {direction}", lambda r=direction: th.trajectory_check(r)[0])
         for first in ("torch", "jax"):
             yield (f"resume 10 + 10 steps from {first}", lambda f=first: th.resume_check(f))
+
+
+def hf_plan(dtypes):
+    """Rows against transformers' GPT-2 (CPU, float32), or the reason they cannot run."""
+    import importlib.util
+
+    if "float32" not in dtypes:
+        return [], None
+    if importlib.util.find_spec("transformers") is None:
+        return [], "hf_gpt2 rows skipped: transformers is not installed (pip install -e .[dev])"
+    from parity_tests import hf_harness as hh
+
+    return [
+        (f"hf_gpt2 transformers({attn})->{fw} layers={n} seq={seq}",
+         lambda f=fw, n=n, t=seq, a=attn: hh.hf_gpt2_check(f, n, t, a))
+        for fw in ("torch", "jax") for n in (1, 3) for seq in (1, hh.POSITIONS) for attn in hh.ATTN_IMPLEMENTATIONS
+    ], None  # fmt: skip
 
 
 def plan(dtypes, heads, torch_devices, jax_devices):
@@ -152,6 +172,10 @@ def main(argv=None) -> int:
     checks = list(plan(args.dtypes, args.heads, torch_devices, jax_devices))
     if not args.skip_training:
         checks += list(training_plan(args.dtypes))
+    hf_checks, hf_skipped = hf_plan(args.dtypes)
+    checks += hf_checks
+    if hf_skipped:
+        print(hf_skipped, file=sys.stderr)
     if not args.quiet:
         print(f"running {len(checks)} checks; torch devices {torch_devices}, "
               f"jax devices {list(jax_devices)}", file=sys.stderr)  # fmt: skip
@@ -168,8 +192,10 @@ def main(argv=None) -> int:
     failed = [r for r in results if not r.passed]
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed in {elapsed:.1f} s "
           f"(matmul precision pinned to 'highest' in both frameworks)")  # fmt: skip
+    if hf_skipped:
+        print(hf_skipped)
     if args.json:
-        doc = {"meta": metadata(torch_devices, jax_devices, elapsed),
+        doc = {"meta": {**metadata(torch_devices, jax_devices, elapsed), "skipped": [hf_skipped] if hf_skipped else []},
                "results": [r.to_json() for r in results]}  # fmt: skip
         folder = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(folder, exist_ok=True)
