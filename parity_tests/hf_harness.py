@@ -110,8 +110,11 @@ def compare_logits(reference: dict, other: dict) -> tuple[float, float, float, b
 
 def hf_gpt2_check(framework: str, n_layers: int, seq: int, attn_implementation: str, seed: int = 0) -> Result:
     """transformers -> twin: import a saved GPT2LMHeadModel, compare logits (float32, CPU)."""
+    from transformers.utils import logging
+
     hf = new_hf_model(hf_config(n_layers, attn_implementation), seed)
     idx = token_ids(2, seq, seed)
+    logging.disable_progress_bar()  # save_pretrained's bar would interleave with the report's lines
     with matched_precision(), tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(directory)
         twin = import_into(framework, directory)
