@@ -186,13 +186,14 @@ def test_bias_free_model_has_no_gpt2_layout(tmp_path):
 
 
 def test_prefixless_file_with_mask_buffers_loads(saved, tmp_path):
-    """The hub's "gpt2" file has no "transformer." prefix and keeps each layer's causal mask as
-    "h.{i}.attn.bias"; it loads, and so does a tied lm_head saved as an explicit copy."""
+    """Older files (the hub's "gpt2") have no "transformer." prefix and keep each layer's causal
+    mask as "h.{i}.attn.bias" / "masked_bias"; they load, and so does a tied head saved as a copy."""
     hf, directory = saved(2, "eager")
     arrays, metadata = load_file(os.path.join(directory, "model.safetensors"))
     arrays = {k.removeprefix("transformer."): v for k, v in arrays.items()}
     for i in range(2):
         arrays[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 16, 16), np.float32))
+        arrays[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
     arrays["lm_head.weight"] = arrays["wte.weight"].copy()
     save_file(arrays, tmp_path / "model.safetensors", metadata)
     (tmp_path / "config.json").write_text(open(os.path.join(directory, "config.json")).read())

@@ -34,7 +34,7 @@ from weight_conversion.validate import ConversionError, find_problems_by_shape
 __all__ = ["export_hf_gpt2", "gpt2_config_from_dir", "gpt2_config_from_hf", "import_hf_gpt2", "hf_config_from_gpt"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-PREFIX = "transformer."  # GPT2LMHeadModel's keys; a saved GPT2Model (and the hub's "gpt2" file) has none
+PREFIX = "transformer."  # GPT2LMHeadModel's keys; a saved GPT2Model, and the hub's "gpt2" file, have none
 
 # activation_function -> the twins' gelu_approximate. Measured on the 2-core CPU (torch 2.13) over
 # 2,000,001 points in [-10, 10], float32: "gelu_new" (transformers' own tanh formula) and
@@ -143,8 +143,9 @@ def _read_config(directory) -> dict:
 
 
 def _is_causal_mask_buffer(key: str) -> bool:
-    """Old GPT-2 checkpoints (the hub's "gpt2" included) store each layer's causal mask as
-    "h.{i}.attn.bias" / "h.{i}.attn.masked_bias"; transformers ignores them on load
+    """Older GPT-2 files store each layer's causal mask as "h.{i}.attn.bias" (the hub's "gpt2":
+    transformers PR #24113) and "h.{i}.attn.masked_bias" (vLLM PR #271 lists files with both).
+    They are constants, not weights: transformers ignores them on load
     (GPT2PreTrainedModel._keys_to_ignore_on_load_unexpected), and so does this importer."""
     parts = key.split(".")
     return len(parts) == 4 and parts[0] == "h" and parts[2] == "attn" and parts[3] in ("bias", "masked_bias")
