@@ -202,6 +202,13 @@ def test_prefixless_file_with_mask_buffers_loads(saved, tmp_path):
     assert_same(params(twin), params(reference))
 
 
+def test_sharded_checkpoint_loads(saved, tmp_path):
+    hf, directory = saved(2, "eager")
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")  # several model-0000k-of-0000n files
+    assert not (tmp_path / "model.safetensors").exists()
+    assert_same(params(hh.import_into("torch", str(tmp_path), verify=True)), params(hh.import_into("torch", directory)))
+
+
 def test_presets_are_gpt2_shapes():
     counts = {}
     for name in ("gpt2_124m", "gpt2_355m", "gpt2_774m", "gpt2_1558m"):
@@ -265,6 +272,16 @@ def test_bad_file_reports_every_problem_and_leaves_model_untouched(framework, sa
     for key in ("h.0.ln_1.bias", "h.0.attn.c_attn.weight", "h.1.attn.q_proj.weight", "ln_f.weight", "wpe.weight"):
         assert any(key in p for p in problems), key
     assert_same(params(twin), before)
+
+
+def test_tied_head_that_differs_from_wte_is_refused(saved, tmp_path):
+    _, directory = saved(2, "eager")
+    arrays, metadata = load_file(os.path.join(directory, "model.safetensors"))
+    arrays["lm_head.weight"] = arrays["transformer.wte.weight"] + 1.0
+    save_file(arrays, tmp_path / "model.safetensors", metadata)
+    (tmp_path / "config.json").write_text(open(os.path.join(directory, "config.json")).read())
+    with pytest.raises(wc.ConversionError, match="lm_head.weight"):
+        hh.import_into("torch", str(tmp_path))
 
 
 def test_config_mismatch_with_model_is_refused(saved):

@@ -34,6 +34,7 @@ from weight_conversion.validate import ConversionError, find_problems_by_shape
 __all__ = ["export_hf_gpt2", "gpt2_config_from_dir", "gpt2_config_from_hf", "import_hf_gpt2", "hf_config_from_gpt"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint: {"weight_map": {key: shard file}}
 PREFIX = "transformer."  # GPT2LMHeadModel's keys; a saved GPT2Model, and the hub's "gpt2" file, have none
 
 # activation_function -> the twins' gelu_approximate. Measured on the 2-core CPU (torch 2.13) over
@@ -71,7 +72,11 @@ def gpt2_config_from_hf(hf_config: dict) -> GPTConfig:
     GPT2Config's defaults). Raises ValueError naming every field the twins do not compute."""
     if not isinstance(hf_config, dict):
         raise ValueError(f"a GPT-2 config is a JSON object (dict), got {type(hf_config).__name__}")
-    get = lambda name, default: hf_config.get(name, default) if hf_config.get(name) is not None else default  # noqa: E731
+
+    def get(name: str, default):  # absent or null: GPT2Config's default
+        value = hf_config.get(name)
+        return default if value is None else value
+
     problems = []
     if hf_config.get("model_type", "gpt2") != "gpt2":
         problems.append(f"model_type is {hf_config['model_type']!r}, not 'gpt2'")
@@ -151,10 +156,33 @@ def _is_causal_mask_buffer(key: str) -> bool:
     return len(parts) == 4 and parts[0] == "h" and parts[2] == "attn" and parts[3] in ("bias", "masked_bias")
 
 
+def _read_weights(directory: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    single, index = os.path.join(directory, WEIGHTS_FILE), os.path.join(directory, INDEX_FILE)
+    if os.path.exists(single) or not os.path.exists(index):
+        return load_file(single)[0], []
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
+    arrays, problems = {}, []
+    for shard in shards:
+        if os.path.basename(shard) != shard:  # the index names files in this folder, nothing else
+            raise CheckpointError(f"{index} names a shard outside its folder: {shard!r}")
+        for key, array in load_file(os.path.join(directory, shard))[0].items():
+            if weight_map.get(key) != shard:
+                problems.append(f"{key!r} is in {shard} but the index puts it in {weight_map.get(key)!r}")
+            arrays[key] = array
+    problems += [f"the index lists {k!r} but {v} does not hold it" for k, v in weight_map.items() if k not in arrays]
+    return arrays, problems
+
+
 def read_hf_arrays(directory, cfg: GPTConfig) -> tuple[dict[str, np.ndarray], list[str]]:
-    """(arrays keyed without the "transformer." prefix, problems) from ``directory/model.safetensors``."""
-    arrays, _ = load_file(os.path.join(os.fspath(directory), WEIGHTS_FILE))
-    problems, out = [], {}
+    """(arrays keyed without the "transformer." prefix, problems) from ``directory/model.safetensors``
+    or, where there is none, from the shards that ``model.safetensors.index.json`` lists."""
+    arrays, problems = _read_weights(os.fspath(directory))
+    out = {}
     for key, array in arrays.items():
         name = key.removeprefix(PREFIX)
         if name in out:
