@@ -16,7 +16,6 @@ pytest.importorskip("flax", reason="needs both frameworks")
 pytest.importorskip("transformers", reason="transformers is a test extra (pip install -e .[dev]); absent here")
 
 import dataclasses
-import json
 import os
 
 import numpy as np

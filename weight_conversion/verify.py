@@ -18,6 +18,7 @@ import numpy as np
 
 from twin_common.precision import matched_precision
 from twin_common.tolerances import verify_bound
+from weight_conversion import _is_torch
 
 PROBE_SEED = 1234
 PROBE_BATCH, PROBE_MAX_SEQ = 2, 16
@@ -33,10 +34,6 @@ class VerificationError(ValueError):
             f"(max abs error {max_abs_err:.3g} > {bound:.3g}); a layout mistake in the conversion "
             f"(a transposed or swapped weight) looks like this. The target's previous weights were restored."
         )
-
-
-def _is_torch(model) -> bool:
-    return any(cls.__module__.startswith("torch.") for cls in type(model).__mro__)
 
 
 def _is_gpt(model) -> bool:
@@ -143,10 +140,6 @@ def first_divergence(
         if not err <= bound:  # "not <=" so that NaN fails
             return name, err, bound
     return None
-
-
-def max_error(source: Mapping[str, np.ndarray], target: Mapping[str, np.ndarray], name: str = "logits") -> float:
-    return float(np.max(np.abs(source[name] - target[name])))
 
 
 # ------------------------------------------------------------------------------------- apply, check
