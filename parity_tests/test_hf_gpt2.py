@@ -358,3 +358,34 @@ def test_verify_refuses_bfloat16_before_changing_anything():
     target = hh.new_twin("torch", cfg).bfloat16()
     with pytest.raises(ValueError, match="float32 and float64"):
         apply_verified(target, lambda: pytest.fail("applied"), lambda probe: pytest.fail("ran"), "bf16")
+
+
+def test_block_conversion_verifies_in_both_directions():
+    """A block (not a GPT), in float64: verify runs JAX in x64 mode with a float64 probe.
+    (float32 twin <-> twin verify is covered by the GPT test above.)"""
+    from parity_tests import harness
+
+    dtype = "float64"
+    with matched_precision(x64=True):
+        cfg = harness.BlockConfig(d_model=32, n_heads=2, block_size=8)
+        torch_block = harness.new_torch_block(cfg, dtype, "cpu", 0)
+        flax_block = harness.new_flax_block(cfg, dtype, harness.jax_devices()["cpu"], 1)
+        wc.torch_to_flax(torch_block, flax_block, verify=True)
+        wc.flax_to_torch(flax_block, harness.new_torch_block(cfg, dtype, "cpu", 2), verify=True)
+
+
+def test_gpt2_table_is_checked_against_the_twin_table(monkeypatch):
+    """Rows that drift from the twin table (here: the MLP's c_proj row lost) fail at construction."""
+    rows = ht.hf_gpt2_block_rows
+    monkeypatch.setattr(ht, "hf_gpt2_block_rows", lambda C, H: rows(C, H)[:-2])
+    with pytest.raises(AssertionError, match="out of date"):
+        ht.hf_gpt2_table(GPTConfig(vocab_size=96, block_size=16, n_layers=1, d_model=32, n_heads=4))
+
+
+def test_verify_bound_scales_with_the_values():
+    from twin_common.tolerances import verify_bound
+
+    small, large = np.full(3, 0.5), np.full(3, 1000.0)
+    assert verify_bound("float32", small) == BOUND  # the table's atol for O(1) values
+    one_ulp_at_1000 = float(np.spacing(np.float32(1000.0)))  # 6.1e-5: rounding, not a mistake
+    assert one_ulp_at_1000 > BOUND and one_ulp_at_1000 <= verify_bound("float32", large) < 0.34
