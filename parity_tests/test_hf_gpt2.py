@@ -389,3 +389,17 @@ def test_verify_bound_scales_with_the_values():
     assert verify_bound("float32", small) == BOUND  # the table's atol for O(1) values
     one_ulp_at_1000 = float(np.spacing(np.float32(1000.0)))  # 6.1e-5: rounding, not a mistake
     assert one_ulp_at_1000 > BOUND and one_ulp_at_1000 <= verify_bound("float32", large) < 0.34
+
+
+def test_abstract_flax_model_is_filled_and_verified(saved):
+    """nnx.eval_shape builds the Flax twin without allocating weights; the import fills it."""
+    from flax import nnx
+
+    from jax_impl.gpt import GPT
+
+    hf, directory = saved(2, "eager")
+    model = nnx.eval_shape(lambda: GPT(hg.gpt2_config_from_dir(directory), rngs=nnx.Rngs(0)))
+    hg.import_hf_gpt2(model, directory, verify=True)
+    model.eval()
+    idx = hh.token_ids(2, hh.POSITIONS)
+    assert np.max(np.abs(hh.hf_run(hf, idx)["logits"] - hh.twin_run(model, idx)["logits"])) <= BOUND
