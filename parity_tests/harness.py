@@ -57,10 +57,14 @@ class Result:
 
 
 def framework_missing(name: str) -> str | None:
-    """Why ``name`` ("torch" or "jax") cannot run here (e.g. torch on a TPU VM), or None if it can."""
+    """Why ``name`` ("torch", "jax" or "transformers") cannot run here (e.g. torch on a TPU VM), or
+    None if it can."""
     import importlib
+    import importlib.util
 
-    modules = ("torch",) if name == "torch" else ("jax", "flax", "optax")
+    modules = {"torch": ("torch",), "jax": ("jax", "flax", "optax"), "transformers": ("transformers",)}[name]
+    if name == "transformers":  # importing it takes seconds: only look for it
+        return None if importlib.util.find_spec("transformers") else "transformers is not installed (pip install -e .[dev])"
     try:
         for module in modules:
             importlib.import_module(module)

@@ -30,7 +30,7 @@ from twin_common.train_config import TrainConfig  # noqa: E402
 
 MODELS = {
     "small": (GPTConfig(vocab_size=256, block_size=64, n_layers=2, d_model=128, n_heads=4), 16),
-    "gpt2": (GPTConfig.gpt2_124m(), 16),
+    "gpt2": (GPTConfig.nanogpt_124m_padded(), 16),
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 

@@ -13,6 +13,9 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
   grad                every parameter gradient (and the block's input gradient), block and small GPT
   train_step          20 AdamW steps (warmup + cosine, clipping) of a small GPT in both frameworks
   resume              10 steps in one framework, checkpoint, 10 more in the other
+  hf_gpt2             transformers' GPT2LMHeadModel (random weights, saved with save_pretrained) imported
+                      into each twin: logits, 1 and 3 layers, seq 1 and 16, eager and sdpa attention;
+                      skipped, with the reason, where transformers is not installed
 All run under matched precision (full-float32 matmuls in both frameworks). Exits 1 if any fails.
 """
 
@@ -61,6 +64,21 @@ def training_plan(dtypes):
                           lambda r=direction: th.trajectory_check(r)[0])
         for first in ("torch", "jax"):
             yield Planned(f"resume 10 + 10 steps from {first}", "resume", both, lambda f=first: th.resume_check(f))
+
+
+def hf_plan(dtypes):
+    """Rows against transformers' GPT-2 (CPU, float32): each twin's logits vs GPT2LMHeadModel's."""
+    if "float32" not in dtypes:
+        return
+    from parity_tests import hf_harness as hh
+
+    for fw in ("torch", "jax"):
+        for n in (1, 3):
+            for seq in (1, hh.POSITIONS):
+                for attn in hh.ATTN_IMPLEMENTATIONS:
+                    yield Planned(f"hf_gpt2 transformers({attn})->{fw} layers={n} seq={seq}", "hf_gpt2",
+                                  ("torch", "transformers") + (("jax",) if fw == "jax" else ()),
+                                  lambda f=fw, n=n, t=seq, a=attn: hh.hf_gpt2_check(f, n, t, a))
 
 
 def plan(dtypes, heads, torch_devices, jax_devices):
@@ -194,12 +212,13 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     # A machine may have one framework only (a TPU VM has no torch): run what it can, list the rest.
-    missing = {name: reason for name in ("torch", "jax") if (reason := h.framework_missing(name))}
+    missing = {name: reason for name in ("torch", "jax", "transformers") if (reason := h.framework_missing(name))}
     torch_devices = [None] if "torch" in missing else h.torch_devices()
     jax_devices = {"cpu": None} if "jax" in missing else h.jax_devices()
     planned = list(plan(args.dtypes, args.heads, torch_devices, jax_devices))
     if not args.skip_training:
         planned += list(training_plan(args.dtypes))
+    planned += list(hf_plan(args.dtypes))
     why = lambda p: "; ".join(missing[f] for f in p.needs if f in missing)  # noqa: E731
     checks = [p for p in planned if not why(p)]
     skipped = [p for p in planned if why(p)]

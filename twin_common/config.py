@@ -152,6 +152,36 @@ class GPTConfig(DictConfig):
         return self.d_model // self.n_heads
 
     @classmethod
-    def gpt2_124m(cls) -> "GPTConfig":
-        """GPT-2 small's shape, with nanoGPT's vocabulary padded to a multiple of 64."""
+    def nanogpt_124m_padded(cls) -> "GPTConfig":
+        """GPT-2 small's shape as nanoGPT trains it: the vocabulary padded to 50304 (a multiple of
+        64, for faster matmuls) and the project's exact GELU. Not GPT-2: its checkpoints do not load."""
         return cls(vocab_size=50304, block_size=1024, n_layers=12, d_model=768, n_heads=12)
+
+    @classmethod
+    def gpt2(cls, n_layers: int, d_model: int, n_heads: int) -> "GPTConfig":
+        """A GPT-2 (Radford et al. 2019, as transformers' GPT2Config): 50257 BPE tokens, 1024
+        positions, tanh GELU ("gelu_new"), LayerNorm eps 1e-5, LM head tied to the token embedding."""
+        return cls(
+            vocab_size=50257, block_size=1024, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
+            ln_eps=1e-5, gelu_approximate="tanh", tie_embeddings=True,
+        )  # fmt: skip
+
+    @classmethod
+    def gpt2_124m(cls) -> "GPTConfig":
+        """GPT-2 small ("gpt2"): 12 layers, 768 wide, 12 heads."""
+        return cls.gpt2(n_layers=12, d_model=768, n_heads=12)
+
+    @classmethod
+    def gpt2_355m(cls) -> "GPTConfig":
+        """GPT-2 medium ("gpt2-medium"): 24 layers, 1024 wide, 16 heads."""
+        return cls.gpt2(n_layers=24, d_model=1024, n_heads=16)
+
+    @classmethod
+    def gpt2_774m(cls) -> "GPTConfig":
+        """GPT-2 large ("gpt2-large"): 36 layers, 1280 wide, 20 heads."""
+        return cls.gpt2(n_layers=36, d_model=1280, n_heads=20)
+
+    @classmethod
+    def gpt2_1558m(cls) -> "GPTConfig":
+        """GPT-2 XL ("gpt2-xl", 1.5B): 48 layers, 1600 wide, 25 heads."""
+        return cls.gpt2(n_layers=48, d_model=1600, n_heads=25)

@@ -1,8 +1,10 @@
 """A third, framework-free implementation of the block in float64 NumPy: the truth that golden
 vectors are made from and that low-precision results are judged against.
 
-It reads the weights in the interchange layout (torch state_dict keys, torch layout), so it shares
-no code with either twin.
+``block_forward`` reads the weights in the interchange layout (torch state_dict keys, torch layout),
+so it shares no code with either twin. ``gpt2_forward`` reads a whole GPT-2 in transformers' own
+layout (fused ``c_attn``, Conv1D's (in, out) weights), so it shares no code with the conversion
+table either: it is the independent source that an imported checkpoint is verified against.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from twin_common.config import BlockConfig
+from twin_common.config import BlockConfig, GPTConfig
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -43,13 +45,18 @@ def _attention(x: np.ndarray, w: Mapping[str, np.ndarray], cfg: BlockConfig) -> 
     q, k, v = (
         _linear(x, w, f"attn.{p}_proj").reshape(B, T, nh, hs).transpose(0, 2, 1, 3) for p in "qkv"
     )  # (B, nh, T, hs)
+    return _linear(_causal_attention(q, k, v), w, "attn.out_proj")
+
+
+def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """softmax(q k^T / sqrt(hs) + causal mask) v on (B, nh, T, hs); returns the heads merged, (B, T, C)."""
+    B, nh, T, hs = q.shape
     scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hs)  # (B, nh, T, T)
     scores = np.where(np.tri(T, dtype=bool), scores, -np.inf)
     scores = scores - scores.max(-1, keepdims=True)
     probs = np.exp(scores)
     probs /= probs.sum(-1, keepdims=True)
-    y = (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
-    return _linear(y, w, "attn.out_proj")
+    return (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, nh * hs)
 
 
 def block_forward(
@@ -91,3 +98,38 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
     z = z - z.max(-1, keepdims=True)
     log_probs = z - np.log(np.exp(z).sum(-1, keepdims=True))
     return float(-np.take_along_axis(log_probs, np.asarray(targets)[..., None], -1).mean())
+
+
+# ----------------------------------------------------------------------------- GPT-2, HF layout
+
+
+def _conv1d(x: np.ndarray, w: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """transformers' Conv1D: weight stored (in, out), so x @ W + b with no transpose."""
+    return x @ np.asarray(w[name + ".weight"], np.float64) + np.asarray(w[name + ".bias"], np.float64)
+
+
+def gpt2_forward(weights: Mapping[str, np.ndarray], idx: np.ndarray, cfg: GPTConfig) -> dict[str, np.ndarray]:
+    """GPT-2 computed straight from transformers' arrays (keys without the "transformer." prefix),
+    in float64, eval mode. Intermediates are keyed like the twins' ("embed", "blocks.i.ln_1", ...,
+    "blocks.i.out", "ln_f", "logits") so the two can be compared sublayer by sublayer."""
+    idx = np.asarray(idx)
+    B, T = idx.shape
+    C, nh = cfg.d_model, cfg.n_heads
+    x = np.asarray(weights["wte.weight"], np.float64)[idx] + np.asarray(weights["wpe.weight"], np.float64)[:T]
+    out = {"embed": x}
+    for i in range(cfg.n_layers):
+        p = f"h.{i}."
+        ln_1 = _layer_norm(x, weights, p + "ln_1", cfg.ln_eps)
+        qkv = _conv1d(ln_1, weights, p + "attn.c_attn")  # (B, T, 3C): q | k | v along the columns
+        q, k, v = (qkv[..., j * C : (j + 1) * C].reshape(B, T, nh, C // nh).transpose(0, 2, 1, 3) for j in range(3))
+        attn = _conv1d(_causal_attention(q, k, v), weights, p + "attn.c_proj")
+        resid_1 = x + attn
+        ln_2 = _layer_norm(resid_1, weights, p + "ln_2", cfg.ln_eps)
+        mlp = _conv1d(_gelu(_conv1d(ln_2, weights, p + "mlp.c_fc"), cfg.gelu_approximate), weights, p + "mlp.c_proj")
+        x = resid_1 + mlp
+        for name, value in dict(ln_1=ln_1, attn=attn, resid_1=resid_1, ln_2=ln_2, mlp=mlp, out=x).items():
+            out[f"blocks.{i}.{name}"] = value
+    out["ln_f"] = _layer_norm(x, weights, "ln_f", cfg.ln_eps)
+    head = weights["wte.weight"] if cfg.tie_embeddings else weights["lm_head.weight"]  # (V, C) both
+    out["logits"] = out["ln_f"] @ np.asarray(head, np.float64).T
+    return out

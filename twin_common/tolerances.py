@@ -90,3 +90,21 @@ def tolerance_for(dtype: str) -> Tolerance:
         return TOLERANCES[dtype]
     except KeyError:
         raise ValueError(f"no parity tolerance for dtype {dtype}; have {sorted(TOLERANCES)}") from None
+
+
+def verify_bound(dtype: str, reference: np.ndarray) -> float:
+    """The bound ``verify=True`` holds one sublayer of a converted model to, against its source.
+
+    For float32/float64 this is the table's atol scaled by max |reference| once that exceeds 1:
+    rounding error is relative to the size of the numbers, and a real checkpoint's activations
+    are not the lesson's O(1) values (one float32 ulp at |x| = 1000 is 6.1e-5, already over the
+    fixed 1e-5). Below 1 it is the table's atol unchanged. A conversion mistake is not a rounding
+    error: a k/v swap or a missed transpose moves a sublayer by a large fraction of its own size
+    (measured at GPT-2 124M's shape, random weights: 2.4 and 2.6 at the first attention output,
+    5.1 and 5.0 at the logits), far above 1e-5 relative.
+    """
+    tol = tolerance_for(dtype)
+    if tol.atol is None:
+        raise ValueError(f"verify supports float32 and float64 models, not {dtype}: convert in float32, then cast")
+    peak = float(np.max(np.abs(reference))) if np.size(reference) else 0.0
+    return tol.atol * max(1.0, peak)

@@ -8,7 +8,7 @@ torch and jax are imported only by the functions that need them, so a machine wi
 can still read and write checkpoints for its twin.
 
     torch_to_flax(torch_block, flax_block)      # in memory
-    flax_to_torch(flax_block, torch_block)
+    flax_to_torch(flax_block, torch_block, verify=True)  # and run both on a probe input
     save(torch_block, "block.safetensors")      # either twin; torch layout + config in metadata
     load(flax_block, "block.safetensors")       # either twin
 """
@@ -61,12 +61,24 @@ def import_(model, arrays) -> None:
     return import_flax(model, arrays)
 
 
-def torch_to_flax(torch_model, flax_model) -> None:
-    import_(flax_model, export(torch_model, copy=False))  # JAX copies each array onto its device
+def torch_to_flax(torch_model, flax_model, *, verify: bool = False) -> None:
+    """Copy the torch twin's weights into the Flax twin. ``verify=True`` then runs both on a probe
+    input and, if any sublayer differs beyond the tolerance table, restores the Flax twin's old
+    weights and raises a VerificationError naming the first diverging sublayer."""
+    _convert(torch_model, flax_model, verify, "torch -> Flax conversion")
 
 
-def flax_to_torch(flax_model, torch_model) -> None:
-    import_(torch_model, export(flax_model))
+def flax_to_torch(flax_model, torch_model, *, verify: bool = False) -> None:
+    """The other direction of ``torch_to_flax``, with the same ``verify``."""
+    _convert(flax_model, torch_model, verify, "Flax -> torch conversion")
+
+
+def _convert(source, target, verify: bool, what: str) -> None:
+    if not verify:  # copy=False: torch views; the Flax side copies each array onto its device
+        return import_(target, export(source, copy=False))
+    from weight_conversion.verify import apply_verified, trace
+
+    apply_verified(target, lambda: import_(target, export(source)), lambda probe: trace(source, probe), what)
 
 
 def save(model, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> None:

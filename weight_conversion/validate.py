@@ -36,23 +36,31 @@ def find_problems(
     expected_dtype: str | None,
 ) -> list[str]:
     """All problems of ``arrays`` (torch keys, torch layout) against ``table``, in table order."""
+    return find_problems_by_shape(arrays, {spec.torch_key: spec.torch_shape for spec in table}, expected_dtype)
+
+
+def find_problems_by_shape(
+    arrays: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+    expected_dtype: str | None,
+    layout: str = "torch layout",
+) -> list[str]:
+    """All problems of ``arrays`` against {key: expected shape}: missing and unexpected keys,
+    wrong shapes, non-float or wrong dtypes, NaN/Inf values."""
     problems: list[str] = []
-    wanted = {spec.torch_key: spec for spec in table}
-    for spec in table:
-        if spec.torch_key not in arrays:
-            problems.append(f"missing key {spec.torch_key!r} (expected shape {spec.torch_shape})")
+    for key, shape in shapes.items():
+        if key not in arrays:
+            problems.append(f"missing key {key!r} (expected shape {shape})")
     for key in arrays:
-        if key not in wanted:
+        if key not in shapes:
             problems.append(f"unexpected key {key!r}")
     for key, array in arrays.items():
-        spec = wanted.get(key)
-        if spec is None:
+        if key not in shapes:
             continue
         array = np.asarray(array)
-        if tuple(array.shape) != spec.torch_shape:
+        if tuple(array.shape) != tuple(shapes[key]):
             problems.append(
-                f"wrong shape for {key!r}: got {tuple(array.shape)}, expected {spec.torch_shape} "
-                f"(torch layout)"
+                f"wrong shape for {key!r}: got {tuple(array.shape)}, expected {tuple(shapes[key])} ({layout})"
             )
         name = array.dtype.name
         if name not in FLOAT_DTYPES:
