@@ -124,8 +124,9 @@ class KVCache(nnx.Module):
     def update(self, k: jax.Array, v: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Write k, v (B, T, nh, hs) at slots t..t+T-1 (t traced: one compilation for every
         position) and return the whole cache."""
-        self.k[...] = jax.lax.dynamic_update_slice(self.k[...], k, (0, t, 0, 0))  # a new array
-        self.v[...] = jax.lax.dynamic_update_slice(self.v[...], v, (0, t, 0, 0))
+        at = (0 * t, t, 0 * t, 0 * t)  # start indices, all of t's integer type (64-bit mode too)
+        self.k[...] = jax.lax.dynamic_update_slice(self.k[...], k, at)  # a new array
+        self.v[...] = jax.lax.dynamic_update_slice(self.v[...], v, at)
         return self.k[...], self.v[...]
 
 
