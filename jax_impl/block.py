@@ -116,10 +116,12 @@ class KVCache(nnx.Module):
     are immutable: ``update`` computes a new array with the slots replaced and stores it in the
     nnx.Cache variable; under jax.jit with the cache donated, XLA does the write in place."""
 
-    def __init__(self, batch: int, length: int, cfg: BlockConfig, dtype):
+    def __init__(self, batch: int, length: int, cfg: BlockConfig, dtype, device):
         shape = (batch, length, cfg.n_heads, cfg.d_head)  # (B, L, nh, hs), the attention's layout
-        self.k = nnx.Cache(jnp.zeros(shape, dtype))
-        self.v = nnx.Cache(jnp.zeros(shape, dtype))
+        # placed explicitly (a Sharding): an array left "uncommitted" would give the first jitted
+        # call another cache key than the later ones, which get the step's committed outputs
+        self.k = nnx.Cache(jnp.zeros(shape, dtype, device=device))
+        self.v = nnx.Cache(jnp.zeros(shape, dtype, device=device))
 
     def update(self, k: jax.Array, v: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Write k, v (B, T, nh, hs) at slots t..t+T-1 (t traced: one compilation for every

@@ -76,11 +76,13 @@ class GPT(nnx.Module):
     def setup_cache(self, batch: int, length: int) -> None:
         """Give every attention layer a KVCache of (batch, length) slots; one that fits is kept
         (same shapes across generate calls: no recompilation)."""
-        dtype = self.wte.embedding[...].dtype
+        w = self.wte.embedding[...]
         for block in self.blocks:
             cache = block.attn.kv_cache
-            if cache is None or cache.k[...].shape[:2] != (batch, length) or cache.k[...].dtype != dtype:
-                block.attn.kv_cache = KVCache(batch, length, block.cfg, dtype)
+            if cache is None or cache.k[...].shape[:2] != (batch, length) or (
+                cache.k[...].dtype != w.dtype or cache.k[...].sharding != w.sharding
+            ):
+                block.attn.kv_cache = KVCache(batch, length, block.cfg, w.dtype, w.sharding)
 
     def clear_cache(self) -> None:
         for block in self.blocks:
