@@ -11,6 +11,10 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
   grad                every parameter gradient (and the block's input gradient), block and small GPT
   train_step          20 AdamW steps (warmup + cosine, clipping) of a small GPT in both frameworks
   resume              10 steps in one framework, checkpoint, 10 more in the other
+  kv_cache            within each framework: cached generation against the uncached forward at every
+                      position of a left-padded batch, float32 and float64
+  generate            torch vs JAX on a briefly trained GPT: per-step logits and the greedy and
+                      sampled tokens (72 steps, same seed)
 All run under matched precision (full-float32 matmuls in both frameworks). Exits 1 if any fails.
 """
 
@@ -47,6 +51,10 @@ def training_plan(dtypes):
             yield (f"train_step 20 x AdamW {direction}", lambda r=direction: th.trajectory_check(r)[0])
         for first in ("torch", "jax"):
             yield (f"resume 10 + 10 steps from {first}", lambda f=first: th.resume_check(f))
+        from parity_tests import generate_harness as gh
+
+        for sampling in gh.SAMPLINGS:  # needs a trained model: trains one (80 steps) first
+            yield (f"generate torch<->jax {sampling}", lambda s=sampling: gh.generate_check(s))
 
 
 def plan(dtypes, heads, torch_devices, jax_devices):
@@ -83,6 +91,12 @@ def plan(dtypes, heads, torch_devices, jax_devices):
         for start in ("torch", "jax"):
             yield (f"roundtrip {start} {dtype}",
                    lambda d=dtype, s=start: h.roundtrip_check(cfg, d, s, via_file=True))
+    from parity_tests import generate_harness as gh
+
+    for dtype in (d for d in dtypes if d in ("float32", "float64")):
+        for framework in ("torch", "jax"):
+            yield (f"kv_cache {framework} cached vs uncached {dtype}",
+                   lambda f=framework, d=dtype: gh.kv_cache_check(f, d))
 
 
 def metadata(torch_devices, jax_devices, elapsed: float) -> dict:
@@ -140,7 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", nargs="+", type=int, default=list(HEAD_COUNTS),
                         help="head counts at d_model 128 (default: 1 4)")
     parser.add_argument("--skip-training", action="store_true",
-                        help="forward, attention, golden and roundtrip checks only (under 30 s)")
+                        help="forward, attention, golden, roundtrip and kv_cache checks only (no training, no generate rows)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     bad_heads = [n for n in args.heads if n < 1 or 128 % n]
