@@ -11,7 +11,6 @@ import pytest
 pytest.importorskip("torch", reason="generation parity needs both frameworks")
 pytest.importorskip("flax", reason="generation parity needs both frameworks")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 

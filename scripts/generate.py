@@ -23,7 +23,6 @@ import json
 import os
 import sys
 
-import numpy as np
 
 from twin_common import GPTConfig
 from twin_common import data as D
