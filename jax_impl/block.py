@@ -67,37 +67,69 @@ class CausalSelfAttention(nnx.Module):
         self.attn_dropout = nnx.Dropout(cfg.attn_dropout, rngs=rngs)
         self.resid_dropout = nnx.Dropout(cfg.resid_dropout, rngs=rngs)
         self.scale = 1.0 / math.sqrt(cfg.d_head)  # pinned, not left to the library's default
+        # nnx.data: an attribute that is None at construction would otherwise be frozen as static
+        # (flax >= 0.12), and a KVCache could not be attached later. torch has no such distinction.
+        self.kv_cache: KVCache | None = nnx.data(None)  # set by GPT.setup_cache for generation
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+        """Without ``t``: causal attention over x. With ``t`` (cache slot of x's first token) and
+        ``mask`` (B, 1, T, L), True = may attend: x's keys and values are written into the cache
+        at slots t..t+T-1 and x attends to the whole cache."""
         B, T, C = x.shape
         nh, hs = self.cfg.n_heads, self.cfg.d_head
         # JAX attention works on (B, T, nh, hs); torch's on (B, nh, T, hs).
         q = self.q_proj(x).reshape(B, T, nh, hs)  # (B, T, nh, hs)
         k = self.k_proj(x).reshape(B, T, nh, hs)  # (B, T, nh, hs)
         v = self.v_proj(x).reshape(B, T, nh, hs)  # (B, T, nh, hs)
+        if t is not None:
+            k, v = self.kv_cache.update(k, v, t)  # (B, L, nh, hs) each
         # Two things force the math path where torch's SDPA needs none: jax.nn.dot_product_attention
         # has no dropout, and it computes its softmax in float32 even for float64 inputs (measured
         # 1.6e-7 max abs against a float64 softmax), so float64 would lose its precision.
         dropout_active = self.cfg.attn_dropout > 0 and not self.attn_dropout.deterministic
         if self.cfg.attn_impl == "fused" and not dropout_active and x.dtype != jnp.float64:
             y = jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, scale=self.scale, implementation=ATTENTION_IMPLEMENTATION
-            )
+                q, k, v, mask=mask, is_causal=mask is None, scale=self.scale,
+                implementation=ATTENTION_IMPLEMENTATION,
+            )  # mask: True = attend, as in torch's SDPA
         else:
-            y = self.math_attention(q, k, v)
+            y = self.math_attention(q, k, v, mask)
         y = y.reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.out_proj(y))
 
-    def math_attention(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        """The readable reference: softmax(q k^T / sqrt(hs) + causal mask) v, softmax in >= float32."""
-        T = q.shape[1]
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.scale  # (B, nh, T, T)
-        causal = jnp.tril(jnp.ones((T, T), dtype=bool))  # True = may attend
-        scores = jnp.where(causal, scores, -jnp.inf)
+    def math_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """The readable reference: softmax(q k^T / sqrt(hs) + mask) v, softmax in >= float32.
+        ``mask`` (True = may attend) defaults to the causal one."""
+        T, S = q.shape[1], k.shape[1]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.scale  # (B, nh, T, S)
+        if mask is None:
+            mask = jnp.tril(jnp.ones((T, S), dtype=bool))  # True = may attend
+        scores = jnp.where(mask, scores, -jnp.inf)
         softmax_dtype = jnp.promote_types(scores.dtype, jnp.float32)  # bf16 -> f32; f64 stays
         probs = jax.nn.softmax(scores.astype(softmax_dtype), axis=-1).astype(q.dtype)
         probs = self.attn_dropout(probs)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, T, nh, hs)
+
+
+class KVCache(nnx.Module):
+    """Keys and values of one attention layer for (batch, length) slots, allocated once. JAX arrays
+    are immutable: ``update`` computes a new array with the slots replaced and stores it in the
+    nnx.Cache variable; under jax.jit with the cache donated, XLA does the write in place."""
+
+    def __init__(self, batch: int, length: int, cfg: BlockConfig, dtype, device):
+        shape = (batch, length, cfg.n_heads, cfg.d_head)  # (B, L, nh, hs), the attention's layout
+        # placed explicitly (a Sharding): an array left "uncommitted" would give the first jitted
+        # call another cache key than the later ones, which get the step's committed outputs
+        self.k = nnx.Cache(jnp.zeros(shape, dtype, device=device))
+        self.v = nnx.Cache(jnp.zeros(shape, dtype, device=device))
+
+    def update(self, k: jax.Array, v: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Write k, v (B, T, nh, hs) at slots t..t+T-1 (t traced: one compilation for every
+        position) and return the whole cache."""
+        at = (0 * t, t, 0 * t, 0 * t)  # start indices, all of t's integer type (64-bit mode too)
+        self.k[...] = jax.lax.dynamic_update_slice(self.k[...], k, at)  # a new array
+        self.v[...] = jax.lax.dynamic_update_slice(self.v[...], v, at)
+        return self.k[...], self.v[...]
 
 
 class MLP(nnx.Module):
@@ -122,11 +154,12 @@ class Block(nnx.Module):
         self.ln_2 = layer_norm(cfg, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, return_intermediates: bool = False):
+    def __call__(self, x: jax.Array, return_intermediates: bool = False, t=None, mask=None):
+        """``t``, ``mask``: a cached step (see CausalSelfAttention.__call__)."""
         param_dtype = dtype_name(self.ln_1.scale[...].dtype)
         check_block_input(tuple(x.shape), dtype_name(x.dtype), param_dtype, self.cfg)
         ln_1 = self.ln_1(x)
-        attn = self.attn(ln_1)
+        attn = self.attn(ln_1, t, mask)
         resid_1 = x + attn
         ln_2 = self.ln_2(resid_1)
         mlp = self.mlp(ln_2)

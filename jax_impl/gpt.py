@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
-from jax_impl.block import Block, dtype_name, layer_norm
+from jax_impl.block import Block, KVCache, dtype_name, layer_norm
 from twin_common import GPTConfig
 from twin_common.checks import check_token_input
 
@@ -63,12 +62,51 @@ class GPT(nnx.Module):
             inter[f"blocks.{i}"] = x
         x = self.ln_f(x)
         inter["ln_f"] = x
-        if self.lm_head is None:
-            logits = x @ self.wte.embedding[...].T  # (B, T, V)
-        else:
-            logits = self.lm_head(x)  # (B, T, V)
+        logits = self.head(x)  # (B, T, V)
         inter["logits"] = logits
         return (logits, inter) if return_intermediates else logits
+
+    def head(self, x: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            return x @ self.wte.embedding[...].T  # (..., V)
+        return self.lm_head(x)  # (..., V)
+
+    # ------------------------------------------------------------------------------ generation
+
+    def setup_cache(self, batch: int, length: int) -> None:
+        """Give every attention layer a KVCache of (batch, length) slots; one that fits is kept
+        (same shapes across generate calls: no recompilation)."""
+        w = self.wte.embedding[...]
+        for block in self.blocks:
+            cache = block.attn.kv_cache
+            if cache is None or cache.k[...].shape[:2] != (batch, length) or (
+                cache.k[...].dtype != w.dtype or cache.k[...].sharding != w.sharding
+            ):
+                block.attn.kv_cache = KVCache(batch, length, block.cfg, w.dtype, w.sharding)
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    def cached_step(self, idx: jax.Array, t: jax.Array, start: jax.Array, last: jax.Array) -> jax.Array:
+        """Logits (B, V) of column ``last`` of idx (B, T), whose tokens go into cache slots
+        t..t+T-1. ``start`` (B,): slot of each row's first real token (left padding; see
+        twin_common.generation). t, start, last are traced: one compilation for all steps.
+        Token ids are checked on the host before the step (twin_common.generation.check_request)."""
+        B, T = idx.shape
+        L = self.blocks[0].attn.kv_cache.k[...].shape[1]
+        slots = t + jnp.arange(T)  # (T,) cache slot of each query
+        pos = jnp.maximum(slots[None, :] - start[:, None], 0)  # (B, T) position ids; padding: 0
+        keys = jnp.arange(L)  # (L,) cache slot of each key
+        # query at slot q sees keys start[b] <= s <= q; a padding query sees itself only (an
+        # all-masked row would give NaN, and NaN * 0 would leak into the real rows' outputs)
+        mask = (keys <= slots[:, None]) & ((keys >= start[:, None, None]) | (keys == slots[:, None]))  # (B, T, L)
+        x = (self.wte(idx) + self.wpe(pos)).astype(self.wte.embedding[...].dtype)  # see __call__
+        x = self.drop(x)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, t=t, mask=mask[:, None])  # mask (B, 1, T, L): the same for every head
+        x = jax.lax.dynamic_index_in_dim(x, last, axis=1, keepdims=False)  # (B, C)
+        return self.head(self.ln_f(x))  # (B, V)
 
 
 def loss_fn(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -78,23 +116,18 @@ def loss_fn(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def generate(model: GPT, prompt: list[int], n_new: int, temperature: float = 1.0, seed: int = 0) -> list[int]:
-    """Sample ``n_new`` tokens after ``prompt`` (temperature 0: greedy).
+    """Sample ``n_new`` tokens after ``prompt`` (temperature 0: greedy); returns prompt + new tokens.
+    The KV-cache path of jax_impl.generate, for the Trainer's ``sample``. Past block_size the
+    context restarts from its last block_size // 2 tokens (one new prefill), with seed + 1."""
+    from jax_impl.generate import run
+    from twin_common.generation import Sampling
 
-    A causal model's logits at position t ignore later positions, so the context is padded on the
-    right to block_size and one jitted forward serves every step (no recompilation per length)."""
-    model.eval()
-    size = model.cfg.block_size
-    forward = nnx.jit(lambda m, ctx: m(ctx))
-    rng = np.random.default_rng(seed)
-    tokens = list(prompt)
-    for _ in range(n_new):
-        context = tokens[-size:]
-        padded = jnp.asarray([context + [0] * (size - len(context))], dtype=jnp.int32)
-        logits = np.asarray(forward(model, padded)[0, len(context) - 1], dtype=np.float64)
-        if temperature == 0:
-            tokens.append(int(logits.argmax()))
-        else:
-            z = logits / temperature
-            probs = np.exp(z - z.max())
-            tokens.append(int(rng.choice(len(probs), p=probs / probs.sum())))
+    size, tokens = model.cfg.block_size, list(prompt)
+    for chunk in range(n_new + 1):
+        remaining = len(prompt) + n_new - len(tokens)
+        if remaining <= 0:
+            break
+        context = tokens[-max(1, size // 2) :] if chunk else tokens[-(size - 1) :]
+        n = min(remaining, size - len(context))
+        tokens += run(model, [context], n, Sampling(temperature), seed=seed + chunk).tokens[0]
     return tokens

@@ -183,5 +183,6 @@ class Trainer:
         from jax_impl.gpt import generate
 
         tokens = generate(self.sync_model(), prompt, n_new, temperature, seed)
+        self.model.clear_cache()  # the KV cache is for generation only: leave the model as it was
         self.model.train()
         return tokens

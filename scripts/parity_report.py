@@ -16,6 +16,10 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
   hf_gpt2             transformers' GPT2LMHeadModel (random weights, saved with save_pretrained) imported
                       into each twin: logits, 1 and 3 layers, seq 1 and 16, eager and sdpa attention;
                       skipped, with the reason, where transformers is not installed
+  kv_cache            within each framework: cached generation against the uncached forward at every
+                      position of a left-padded batch, float32 and float64
+  generate            torch vs JAX on a briefly trained GPT: per-step logits and the greedy and
+                      sampled tokens (72 steps, same seed)
 All run under matched precision (full-float32 matmuls in both frameworks). Exits 1 if any fails.
 """
 
@@ -64,6 +68,10 @@ def training_plan(dtypes):
                           lambda r=direction: th.trajectory_check(r)[0])
         for first in ("torch", "jax"):
             yield Planned(f"resume 10 + 10 steps from {first}", "resume", both, lambda f=first: th.resume_check(f))
+        from parity_tests import generate_harness as gh
+
+        for sampling in gh.SAMPLINGS:  # needs a trained model: trains one (80 steps) first
+            yield Planned(f"generate torch<->jax {sampling}", "generate", both, lambda s=sampling: gh.generate_check(s))
 
 
 def hf_plan(dtypes):
@@ -127,6 +135,12 @@ def plan(dtypes, heads, torch_devices, jax_devices):
         for start in ("torch", "jax"):
             yield Planned(f"roundtrip {start} {dtype}", "roundtrip", both,
                           lambda d=dtype, s=start: h.roundtrip_check(cfg, d, s, via_file=True))
+    from parity_tests import generate_harness as gh
+
+    for dtype in (d for d in dtypes if d in ("float32", "float64")):
+        for framework in ("torch", "jax"):
+            yield Planned(f"kv_cache {framework} cached vs uncached {dtype}", "kv_cache", (framework,),
+                          lambda f=framework, d=dtype: gh.kv_cache_check(f, d))
 
 
 def error_result(item: Planned, error: BaseException) -> h.Result:
@@ -203,7 +217,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", nargs="+", type=int, default=list(HEAD_COUNTS),
                         help="head counts at d_model 128 (default: 1 4)")
     parser.add_argument("--skip-training", action="store_true",
-                        help="forward, attention, golden and roundtrip checks only (under 30 s)")
+                        help="forward, attention, golden, roundtrip and kv_cache checks only (no training, no generate rows)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     bad_heads = [n for n in args.heads if n < 1 or 128 % n]

@@ -50,36 +50,65 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(cfg.attn_dropout)
         self.resid_dropout = nn.Dropout(cfg.resid_dropout)
         self.scale = 1.0 / math.sqrt(cfg.d_head)  # pinned, not left to SDPA's default
+        self.kv_cache: KVCache | None = None  # set by GPT.setup_cache for generation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Without ``t``: causal attention over x. With ``t`` (cache slot of x's first token) and
+        ``mask`` (B, 1, T, L), True = may attend: x's keys and values are written into the cache
+        at slots t..t+T-1 and x attends to the whole cache."""
         B, T, C = x.shape
         nh, hs = self.cfg.n_heads, self.cfg.d_head
         # torch attention works on (B, nh, T, hs); JAX's on (B, T, nh, hs).
         q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = self.v_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if t is not None:
+            k, v = self.kv_cache.update(k, v, t)  # (B, nh, L, hs) each
         if self.cfg.attn_impl == "fused":
             y = F.scaled_dot_product_attention(
                 q, k, v,
+                attn_mask=mask,  # None, or bool with True = attend (nn.MultiheadAttention: the opposite)
                 dropout_p=self.attn_dropout.p if self.training else 0.0,
-                is_causal=True,  # SDPA's bool attn_mask means True = attend; is_causal avoids it
+                is_causal=mask is None,  # causal without building a mask
                 scale=self.scale,
             )  # (B, nh, T, hs)
         else:
-            y = self.math_attention(q, k, v)
+            y = self.math_attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.out_proj(y))
 
-    def math_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The readable reference: softmax(q k^T / sqrt(hs) + causal mask) v, softmax in >= float32."""
-        T = q.shape[-2]
-        scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # True = may attend
-        scores = scores.masked_fill(~causal, float("-inf"))
+    def math_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The readable reference: softmax(q k^T / sqrt(hs) + mask) v, softmax in >= float32.
+        ``mask`` (True = may attend) defaults to the causal one."""
+        T, S = q.shape[-2], k.shape[-2]
+        scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, S)
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()  # True = may attend
+        scores = scores.masked_fill(~mask, float("-inf"))
         softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # bf16 -> f32; f64 stays
         probs = torch.softmax(scores.to(softmax_dtype), dim=-1).to(q.dtype)
         probs = self.attn_dropout(probs)
         return probs @ v  # (B, nh, T, hs)
+
+
+class KVCache(nn.Module):
+    """Keys and values of one attention layer for (batch, length) slots, allocated once and
+    written in place at the current slot. Buffers (not parameters, not in the state_dict) so that
+    .to() moves them and CUDA graphs see fixed addresses."""
+
+    def __init__(self, batch: int, length: int, cfg: BlockConfig, dtype: torch.dtype, device):
+        super().__init__()
+        shape = (batch, cfg.n_heads, length, cfg.d_head)  # (B, nh, L, hs), the attention's layout
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) at slots t..t+T-1 (t a 0-d tensor: no host sync, no recompile
+        per position) and return the whole cache."""
+        slots = t + torch.arange(k.shape[2], device=k.device)  # (T,)
+        self.k.index_copy_(2, slots, k)  # in place: the tensor is mutated, nothing is returned
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
 
 
 class MLP(nn.Module):
@@ -105,11 +134,12 @@ class Block(nn.Module):
         self.ln_2 = layer_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, return_intermediates: bool = False):
+    def forward(self, x: torch.Tensor, return_intermediates: bool = False, t=None, mask=None):
+        """``t``, ``mask``: a cached step (see CausalSelfAttention.forward)."""
         param_dtype = dtype_name(self.ln_1.weight.dtype)
         check_block_input(tuple(x.shape), dtype_name(x.dtype), param_dtype, self.cfg)
         ln_1 = self.ln_1(x)
-        attn = self.attn(ln_1)
+        attn = self.attn(ln_1, t, mask)
         resid_1 = x + attn
         ln_2 = self.ln_2(resid_1)
         mlp = self.mlp(ln_2)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_impl.block import Block, dtype_name, layer_norm
+from torch_impl.block import Block, KVCache, dtype_name, layer_norm
 from twin_common import GPTConfig
 from twin_common.checks import check_token_input
 
@@ -51,12 +51,50 @@ class GPT(nn.Module):
             inter[f"blocks.{i}"] = x
         x = self.ln_f(x)
         inter["ln_f"] = x
-        if self.lm_head is None:
-            logits = F.linear(x, self.wte.weight)  # x @ wte.T: (B, T, V)
-        else:
-            logits = self.lm_head(x)  # (B, T, V)
+        logits = self.head(x)  # (B, T, V)
         inter["logits"] = logits
         return (logits, inter) if return_intermediates else logits
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(x, self.wte.weight)  # x @ wte.T: (..., V)
+        return self.lm_head(x)  # (..., V)
+
+    # ------------------------------------------------------------------------------ generation
+
+    def setup_cache(self, batch: int, length: int) -> None:
+        """Give every attention layer a KVCache of (batch, length) slots; one that fits is kept
+        (same buffers across generate calls: no reallocation, no recompilation)."""
+        w = self.wte.weight
+        for block in self.blocks:
+            cache = block.attn.kv_cache
+            if cache is None or cache.k.shape[0] != batch or cache.k.shape[2] != length or (
+                cache.k.dtype != w.dtype or cache.k.device != w.device
+            ):
+                block.attn.kv_cache = KVCache(batch, length, block.cfg, w.dtype, w.device)
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    def cached_step(self, idx: torch.Tensor, t: torch.Tensor, start: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) of column ``last`` of idx (B, T), whose tokens go into cache slots
+        t..t+T-1. ``start`` (B,): slot of each row's first real token (left padding; see
+        twin_common.generation). t, start, last are tensors: no host sync, one graph for all steps.
+        Token ids are checked on the host before the step (twin_common.generation.check_request)."""
+        B, T = idx.shape
+        L = self.blocks[0].attn.kv_cache.k.shape[2]
+        slots = t + torch.arange(T, device=idx.device)  # (T,) cache slot of each query
+        pos = (slots[None, :] - start[:, None]).clamp(min=0)  # (B, T) position ids; padding: 0
+        keys = torch.arange(L, device=idx.device)  # (L,) cache slot of each key
+        # query at slot q sees keys start[b] <= s <= q; a padding query sees itself only (an
+        # all-masked row would give NaN, and NaN * 0 would leak into the real rows' outputs)
+        mask = (keys <= slots[:, None]) & ((keys >= start[:, None, None]) | (keys == slots[:, None]))  # (B, T, L)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, t=t, mask=mask[:, None])  # mask (B, 1, T, L): the same for every head
+        x = torch.index_select(x, 1, last.reshape(1))[:, 0]  # (B, C)
+        return self.head(self.ln_f(x))  # (B, V)
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -65,19 +103,19 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-@torch.no_grad()
 def generate(model: GPT, prompt: list[int], n_new: int, temperature: float = 1.0, seed: int = 0) -> list[int]:
-    """Sample ``n_new`` tokens after ``prompt`` (temperature 0: greedy)."""
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    tokens = list(prompt)
-    for _ in range(n_new):
-        context = torch.tensor([tokens[-model.cfg.block_size :]], device=device)
-        logits = model(context)[0, -1].float().cpu()
-        if temperature == 0:
-            tokens.append(int(logits.argmax()))
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
+    """Sample ``n_new`` tokens after ``prompt`` (temperature 0: greedy); returns prompt + new tokens.
+    The KV-cache path of torch_impl.generate, for the Trainer's ``sample``. Past block_size the
+    context restarts from its last block_size // 2 tokens (one new prefill), with seed + 1."""
+    from torch_impl.generate import run
+    from twin_common.generation import Sampling
+
+    size, tokens = model.cfg.block_size, list(prompt)
+    for chunk in range(n_new + 1):
+        remaining = len(prompt) + n_new - len(tokens)
+        if remaining <= 0:
+            break
+        context = tokens[-max(1, size // 2) :] if chunk else tokens[-(size - 1) :]
+        n = min(remaining, size - len(context))
+        tokens += run(model, [context], n, Sampling(temperature), seed=seed + chunk).tokens[0]
     return tokens

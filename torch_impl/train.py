@@ -137,5 +137,6 @@ class Trainer:
         from torch_impl.gpt import generate
 
         tokens = generate(self.model, prompt, n_new, temperature, seed)
+        self.model.clear_cache()  # the KV cache is for generation only: leave the model as it was
         self.model.train()
         return tokens

@@ -1,0 +1,256 @@
+"""Generate text with the GPT twin (KV cache), in PyTorch, JAX, or both side by side.
+
+    python -m scripts.generate --framework torch --checkpoint runs/torch --prompt "The cat "
+    python -m scripts.generate --framework compare --checkpoint runs/torch --prompt "12+7=" \\
+        --max-new-tokens 64 --temperature 0.8 --top-k 40 --seed 1
+    python -m scripts.generate --framework jax --checkpoint gpt2-dir --prompt-ids 464,3797 --temperature 0
+
+--checkpoint is a run folder of scripts.train (its latest.json), a project safetensors file
+(weight_conversion.save or a training checkpoint), or a transformers GPT-2 directory (config.json +
+model.safetensors). The project's 256-token models read the prompt as UTF-8 bytes; a GPT-2
+directory uses its own tokenizer files through transformers when they are there, otherwise give
+--prompt-ids. Several --prompt (or --prompt-ids) make one left-padded batch.
+
+compare runs both twins on the same weights and seed, prints both continuations, whether they are
+identical (and, if not, whether the first difference is one float32 cannot decide), and the
+largest per-step logit difference. Progress and tokens/s go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+from twin_common import GPTConfig
+from twin_common import data as D
+from twin_common.generation import Sampling, compare_generations
+from twin_common.precision import matched_precision
+
+
+class UsageError(Exception):
+    """A problem with the command line or the checkpoint; printed without a traceback."""
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def _is_gpt2_dir(path: str) -> bool:
+    return os.path.isdir(path) and all(
+        os.path.exists(os.path.join(path, n)) for n in ("config.json", "model.safetensors")
+    )
+
+
+def _hf_gpt2():
+    try:
+        from weight_conversion import hf_gpt2
+    except ImportError:
+        raise UsageError("reading a transformers GPT-2 directory needs weight_conversion.hf_gpt2, "
+                         "which this installation does not have") from None  # fmt: skip
+    return hf_gpt2
+
+
+def resolve(path: str) -> tuple[str, str]:
+    """(kind, file or folder): kind is "gpt2", "train" (training checkpoint) or "weights"."""
+    if _is_gpt2_dir(path):
+        return "gpt2", path
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "latest.json")):
+            raise UsageError(f"{path} is neither a run folder (no latest.json) nor a GPT-2 directory "
+                             f"(config.json + model.safetensors)")  # fmt: skip
+        from scripts.train import RunDir, RunError
+
+        try:
+            return "train", RunDir(path).read_latest()["path"]
+        except RunError as e:
+            raise UsageError(str(e)) from None
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} does not exist")
+    from weight_conversion.checkpoint import FORMAT
+    from weight_conversion.safetensors_io import load_file
+
+    _, metadata = load_file(path)
+    return ("train" if metadata.get("format") == FORMAT else "weights"), path
+
+
+def load_config(kind: str, path: str) -> GPTConfig:
+    if kind == "gpt2":
+        return _hf_gpt2().gpt2_config_from_dir(path)
+    from weight_conversion.safetensors_io import load_file
+
+    _, metadata = load_file(path)
+    if "config" not in metadata:
+        raise UsageError(f"{path} records no model config (write it with weight_conversion.save)")
+    try:
+        return GPTConfig.from_dict(json.loads(metadata["config"]))
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{path}: the recorded config is not a GPT config ({e})") from None
+
+
+def load_model(framework: str, kind: str, path: str, cfg: GPTConfig):
+    """A twin in eval mode with the checkpoint's weights (every key, shape and value checked)."""
+    if framework == "torch":
+        import torch
+
+        from torch_impl.gpt import GPT
+
+        model = GPT(cfg)
+        torch.set_grad_enabled(False)
+    else:
+        from flax import nnx
+
+        from jax_impl.gpt import GPT
+
+        model = GPT(cfg, rngs=nnx.Rngs(0))
+    import weight_conversion as wc
+
+    if kind == "gpt2":
+        _hf_gpt2().import_hf_gpt2(model, path)
+    elif kind == "train":
+        from weight_conversion.checkpoint import load_checkpoint
+
+        weights, _, _ = load_checkpoint(path, cfg)
+        wc.import_(model, weights)
+    else:
+        wc.load(model, path)
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------------------- prompts
+
+
+class Tokenizer:
+    """Bytes for the project's 256-token models; a GPT-2 directory's own tokenizer if present."""
+
+    def __init__(self, kind: str, path: str, cfg: GPTConfig):
+        self.hf = None
+        if kind == "gpt2":
+            folder = path
+            has_files = os.path.exists(os.path.join(folder, "tokenizer.json")) or all(
+                os.path.exists(os.path.join(folder, n)) for n in ("vocab.json", "merges.txt")
+            )
+            if has_files:
+                from transformers import AutoTokenizer
+
+                self.hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.bytes = kind != "gpt2" and cfg.vocab_size == 256
+
+    def encode(self, text: str) -> list[int]:
+        if self.hf is not None:
+            return list(self.hf.encode(text))
+        if self.bytes:
+            return list(text.encode("utf-8"))
+        raise UsageError("this checkpoint has no tokenizer here: give the prompt as --prompt-ids 1,2,3")
+
+    def decode(self, ids: list[int]) -> str:
+        if self.hf is not None:
+            return self.hf.decode(ids)
+        if self.bytes:
+            return D.decode(ids)
+        return " ".join(map(str, ids))
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def _progress(name: str, total: int, quiet: bool):
+    live = not quiet and sys.stderr.isatty()  # a counter that rewrites its line; logs get the summary
+
+    def on_step(i, tokens):
+        if live and (i + 1 == total or (i + 1) % 8 == 0):
+            print(f"\r{name}: {i + 1}/{total} tokens", end="", file=sys.stderr, flush=True)
+
+    return on_step
+
+
+def generate_with(framework: str, model, prompts, args, sampling: Sampling, record: bool):
+    if framework == "torch":
+        from torch_impl.generate import run
+    else:
+        from jax_impl.generate import run
+    gen = run(model, prompts, args.max_new_tokens, sampling, seed=args.seed, stop_tokens=args.stop_ids,
+              cache_len=args.cache_len, record_logits=record, compile=args.compile,
+              on_step=_progress(framework, args.max_new_tokens, args.quiet))  # fmt: skip
+    if not args.quiet:
+        n = sum(len(t) for t in gen.tokens)
+        rate = gen.steps * len(prompts) / gen.decode_s if gen.decode_s > 0 else float("nan")
+        print(f"\r{framework}: {n} tokens; prefill (first token) {gen.prefill_s * 1e3:.1f} ms, "
+              f"decode {gen.steps} steps in {gen.decode_s:.2f} s = {rate:,.1f} tokens/s "
+              f"(batch {len(prompts)}, the first call includes compilation)", file=sys.stderr)  # fmt: skip
+    return gen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--framework", choices=["torch", "jax", "compare"], required=True)
+    p.add_argument("--checkpoint", required=True, help="run folder, safetensors file or GPT-2 directory")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
+                   help="prompt as comma-separated token ids (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0: all (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this mass; 1: all (default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the NumPy uniforms both twins use (default: 0)")
+    p.add_argument("--stop-ids", type=parse_ids, default=[], metavar="IDS",
+                   help="comma-separated token ids that end a row (kept in the output)")
+    p.add_argument("--cache-len", type=int, help="KV cache slots (default: the model's block_size)")
+    p.add_argument("--compile", metavar="MODE", help='torch: torch.compile the step with this mode, e.g. '
+                   '"default" or "reduce-overhead" (CUDA graphs); JAX is always jitted')  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress or timing on stderr")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p)
+        kind, path = resolve(args.checkpoint)
+        cfg = load_config(kind, path)
+        tok = Tokenizer(kind, path, cfg)
+        prompts = [tok.encode(p) for p in args.prompt] + [parse_ids(p) for p in args.prompt_ids]
+        if not prompts:
+            raise UsageError("give at least one --prompt or --prompt-ids")
+        frameworks = ["torch", "jax"] if args.framework == "compare" else [args.framework]
+        results = {}
+        with matched_precision():
+            for fw in frameworks:
+                model = load_model(fw, kind, path, cfg)
+                results[fw] = generate_with(fw, model, prompts, args, sampling, record=args.framework == "compare")
+    except (UsageError, ValueError, OSError) as e:  # ConversionError / CheckpointError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for b, prompt in enumerate(prompts):
+        for fw, gen in results.items():
+            label = f"[{fw}] " if len(results) > 1 else ""
+            print(f"{label}{tok.decode(prompt)}{tok.decode(gen.tokens[b])}")
+    if args.framework == "compare":
+        report = compare_generations(results["torch"], results["jax"], sampling)
+        print(f"identical: {'yes' if report['identical'] else 'no'}")
+        print(f"largest per-step logit difference: {report['max_logit_diff']:.2e}")
+        for row in report["rows"]:
+            if row["first_difference"] is not None:
+                verdict = ("undecidable in float32 (margin {:.1e} below the 1e-5 tolerance)".format(row["margin"])
+                           if row.get("undecidable") else "NOT explained by float32 rounding")  # fmt: skip
+                if "margin" not in row:
+                    verdict = "lengths differ"
+                print(f"row {row['row']}: first difference at new token {row['first_difference']}: {verdict}")
+        return 0 if report["identical"] or report["explained"] else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
