@@ -70,11 +70,12 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         B, T, C = x.shape
-        nh, hs = self.cfg.n_heads, self.cfg.d_head
+        hs = self.cfg.d_head
         # JAX attention works on (B, T, nh, hs); torch's on (B, nh, T, hs).
-        q = self.q_proj(x).reshape(B, T, nh, hs)  # (B, T, nh, hs)
-        k = self.k_proj(x).reshape(B, T, nh, hs)  # (B, T, nh, hs)
-        v = self.v_proj(x).reshape(B, T, nh, hs)  # (B, T, nh, hs)
+        # -1, not nh: tensor-parallel, a device holds nh / model heads (jax_impl/sharding.py).
+        q = self.q_proj(x).reshape(B, T, -1, hs)  # (B, T, nh, hs)
+        k = self.k_proj(x).reshape(B, T, -1, hs)  # (B, T, nh, hs)
+        v = self.v_proj(x).reshape(B, T, -1, hs)  # (B, T, nh, hs)
         # Two things force the math path where torch's SDPA needs none: jax.nn.dot_product_attention
         # has no dropout, and it computes its softmax in float32 even for float64 inputs (measured
         # 1.6e-7 max abs against a float64 softmax), so float64 would lose its precision.
@@ -85,7 +86,7 @@ class CausalSelfAttention(nnx.Module):
             )
         else:
             y = self.math_attention(q, k, v)
-        y = y.reshape(B, T, C)  # (B, T, C)
+        y = y.reshape(B, T, -1)  # (B, T, C), or its local C / model features
         return self.resid_dropout(self.out_proj(y))
 
     def math_attention(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

@@ -53,11 +53,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        nh, hs = self.cfg.n_heads, self.cfg.d_head
+        hs = self.cfg.d_head
         # torch attention works on (B, nh, T, hs); JAX's on (B, T, nh, hs).
-        q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = self.v_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        # -1, not nh: tensor-parallel, a device holds nh / model heads (torch_impl/sharding.py).
+        q = self.q_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.v_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
         if self.cfg.attn_impl == "fused":
             y = F.scaled_dot_product_attention(
                 q, k, v,
@@ -67,7 +68,7 @@ class CausalSelfAttention(nn.Module):
             )  # (B, nh, T, hs)
         else:
             y = self.math_attention(q, k, v)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, C), or its local C / model features
         return self.resid_dropout(self.out_proj(y))
 
     def math_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""The device mesh both sharded twins run on, in framework-neutral terms: ``--mesh data=D,model=M``.
+
+Two named axes, the same names in both frameworks (jax.sharding.Mesh / torch init_device_mesh):
+
+- ``data``: data parallel. The batch is split across it; parameters are replicated along it and
+  their gradients averaged over it.
+- ``model``: tensor parallel (Megatron-style). Parameters are split along it as the conversion
+  table's ``split`` column says (weight_conversion/table.py); activations between blocks are whole.
+
+Every size is checked here, before any model is built or process group touched, and all problems
+come back in one ValueError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+AXES = ("data", "model")  # mesh axis names, in this order, in both frameworks
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+    data: int = 1
+    model: int = 1
+
+    def __post_init__(self) -> None:
+        for name in AXES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"mesh axis {name!r} must be a positive int, got {value!r}")
+
+    @property
+    def size(self) -> int:
+        return self.data * self.model
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.data, self.model)
+
+    def __str__(self) -> str:
+        return f"data={self.data},model={self.model}"
+
+
+def parse_mesh(text: str) -> MeshShape:
+    """``"data=2,model=4"`` -> MeshShape(2, 4). Either axis may be left out (size 1)."""
+    sizes: dict[str, int] = {}
+    for part in (p.strip() for p in str(text).split(",")):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or name not in AXES:
+            raise ValueError(f"--mesh takes 'data=D,model=M' (axes {', '.join(AXES)}), got {text!r}")
+        if name in sizes:
+            raise ValueError(f"--mesh names axis {name!r} twice: {text!r}")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh axis {name!r} needs an integer size, got {value.strip()!r}") from None
+    return MeshShape(**sizes)
+
+
+def mesh_problems(mesh: MeshShape, cfg, *, n_devices: int | None = None, batch_size: int | None = None,
+                  exact_devices: bool = False) -> list[str]:  # fmt: skip
+    """Every reason ``cfg`` (BlockConfig or GPTConfig) cannot run on ``mesh``; empty when it can.
+
+    ``n_devices``: the devices there are (JAX: visible devices, any surplus unused; torch: the world
+    size, which must match exactly, ``exact_devices=True``). ``batch_size``: the global batch, split
+    over ``data``.
+    """
+    problems = []
+    m = mesh.model
+    if n_devices is not None:
+        if exact_devices and mesh.size != n_devices:
+            problems.append(f"mesh {mesh} needs {mesh.size} processes, but the world size is {n_devices}")
+        elif mesh.size > n_devices:
+            problems.append(f"mesh {mesh} needs {mesh.size} devices, but only {n_devices} are visible")
+    if cfg.n_heads % m:  # heads stay whole: each device computes n_heads / model of them
+        problems.append(f"n_heads={cfg.n_heads} is not divisible by model={m} (heads cannot be split)")
+    d_hidden = cfg.mlp_ratio * cfg.d_model
+    if d_hidden % m:
+        problems.append(f"MLP hidden width {d_hidden} is not divisible by model={m}")
+    if cfg.d_model % m:
+        problems.append(f"d_model={cfg.d_model} is not divisible by model={m}")
+    if batch_size is not None and batch_size % mesh.data:
+        problems.append(f"batch size {batch_size} is not divisible by data={mesh.data}")
+    return problems
+
+
+def check_mesh(mesh: MeshShape, cfg, **kwargs) -> None:
+    """Raise one ValueError naming every size that does not fit (see mesh_problems)."""
+    problems = mesh_problems(mesh, cfg, **kwargs)
+    if problems:
+        raise ValueError(f"cannot shard over mesh {mesh}: " + "; ".join(problems))
