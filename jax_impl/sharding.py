@@ -96,8 +96,9 @@ def state_shardings(model: nnx.Module, mesh: Mesh, tx=None):
 
 
 def make_forward(model: nnx.Module, mesh: Mesh, *, return_intermediates: bool = False):
-    """A jitted (params, rest, x) -> output over ``mesh``, and the (params, rest) to call it with."""
-    graphdef, params, rest = split(model)
+    """A jitted (params, rest, x) -> output over ``mesh``, and the (params, rest) to call it with
+    (``model`` is laid out over ``mesh`` first)."""
+    graphdef, params, rest = split(shard_model(model, mesh))
     p_sh, _, r_sh, b_sh, _ = state_shardings(model, mesh)
 
     def forward(params, rest, x):
