@@ -144,7 +144,7 @@ def model_axis_groups(device_ids: np.ndarray) -> list[list[int]]:
 # ------------------------------------------------------------------------------------ JAX worker
 
 
-def _jax_worker(out: str, init: str, meshes: list[MeshShape], resume_save: str | None) -> None:
+def _jax_worker(out: str, init: str, meshes: list[MeshShape], resume_save: str | None, sabotage: bool) -> None:
     import jax
     import jax.numpy as jnp
     import optax
@@ -243,6 +243,19 @@ def _jax_worker(out: str, init: str, meshes: list[MeshShape], resume_save: str |
             trainer = S.ShardedTrainer(gpt(), TCFG, mesh)
             losses, (w, optim, step) = train(trainer, range(RESUME_AT))
             save_checkpoint(resume_save, GPT_CFG, w, optim, step, {"framework": "jax", "mesh": "data=2,model=2"})
+        if sabotage:  # a wrong plan, to show that the collective check can fail: out_proj split like q_proj
+            from weight_conversion import table as T
+
+            honest = S.table_for
+            S.table_for = lambda cfg: tuple(
+                dataclasses.replace(s, split=T.Split.OUT_FEATURES) if s.torch_key.endswith("attn.out_proj.weight") else s
+                for s in honest(cfg)
+            )  # fmt: skip
+            try:
+                _, hlo = forward(gpt(), S.make_mesh(MeshShape(1, 2)))
+            finally:
+                S.table_for = honest
+            arrays["sabotage"] = {"comm": hlo_collectives(hlo)}
     _write(out, rows, arrays, {"timings_s": timings, "ref_losses": ref_losses, "ref_weights": ref_weights})
 
 
@@ -495,9 +508,10 @@ def main(argv=None) -> int:
     p.add_argument("--mesh", default="2x2")
     p.add_argument("--resume-save")
     p.add_argument("--resume-from")
+    p.add_argument("--sabotage", action="store_true", help="jax: also compile a wrong plan's forward")
     args = p.parse_args(argv)
     if args.framework == "jax":
-        _jax_worker(args.out, args.init, [parse_mesh_name(m) for m in args.meshes], args.resume_save)
+        _jax_worker(args.out, args.init, [parse_mesh_name(m) for m in args.meshes], args.resume_save, args.sabotage)
     else:
         _torch_worker(args.out, args.init, parse_mesh_name(args.mesh), args.resume_from)
     return 0

@@ -29,6 +29,8 @@ import numpy as np
 from twin_common import GPTConfig
 from twin_common import data as D
 from twin_common.config import config_differences
+from twin_common.mesh import run_for_this_process, sharded_trainer
+from twin_common.mesh import setup as mesh_setup
 from twin_common.precision import matched_precision
 from twin_common.train_config import TrainConfig
 from weight_conversion.safetensors_io import write_atomic
@@ -156,6 +158,8 @@ def make_trainer(framework: str, model_cfg: GPTConfig, tcfg: TrainConfig, args, 
         model = GPT(model_cfg).to(device)
         if weights is not None:
             wc.import_(model, weights)
+        if getattr(args, "device_mesh", None) is not None:
+            return sharded_trainer("torch", model, tcfg, args.device_mesh, compile=args.compile, bf16=args.bf16)
         return Trainer(model, tcfg, compile=args.compile, bf16=args.bf16)
     from flax import nnx
 
@@ -165,6 +169,8 @@ def make_trainer(framework: str, model_cfg: GPTConfig, tcfg: TrainConfig, args, 
     model = GPT(model_cfg, rngs=nnx.Rngs(tcfg.seed))
     if weights is not None:
         wc.import_(model, weights)
+    if getattr(args, "device_mesh", None) is not None:
+        return sharded_trainer("jax", model, tcfg, args.device_mesh, bf16=args.bf16)
     return Trainer(model, tcfg, bf16=args.bf16)
 
 
@@ -205,7 +211,8 @@ def train_one(args) -> int:
     model_cfg, tcfg = configs(args)
     text, data_info = load_data(args)
     train, val = D.split(text, tcfg.seq_len)
-    run = RunDir(args.out)
+    args.device_mesh = mesh_setup(args.framework, args.mesh, model_cfg, tcfg.batch_size)  # None without --mesh
+    run = run_for_this_process(RunDir(args.out))
     if args.stop_at is not None and not 1 <= args.stop_at <= tcfg.steps:
         raise RunError(f"--stop-at must be between 1 and --steps={tcfg.steps}, got {args.stop_at}")
     stop = tcfg.steps if args.stop_at is None else args.stop_at
@@ -415,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-matmul", action="store_true",
                    help="leave matmul precision at the frameworks' defaults (TF32 on GPU) instead of pinning")
     p.add_argument("--device", choices=["cpu", "cuda"], help="torch device (default: cuda if present)")
+    p.add_argument("--mesh", metavar="data=D,model=M",
+                   help="tensor (model) and data parallel over D*M devices: JAX over the visible devices; "
+                        "torch under torchrun --nproc-per-node D*M (README: Sharded)")
     p.add_argument("--sample", type=int, default=200, help="bytes of text to sample at the end; 0: none (default: %(default)s)")
     p.add_argument("--no-chaos-reference", dest="chaos_reference", action="store_false",
                    help="compare: skip the third run (torch with the other attention path: the same "
@@ -425,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.framework == "compare" and args.resume:
-        print("error: --resume is for --framework torch or jax", file=sys.stderr)
+    if args.framework == "compare" and (args.resume or args.mesh):
+        print(f"error: {'--resume' if args.resume else '--mesh'} is for --framework torch or jax", file=sys.stderr)
         return 2
     precision = contextlib.nullcontext() if args.fast_matmul else matched_precision()
     try:
