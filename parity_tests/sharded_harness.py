@@ -473,9 +473,9 @@ def run_worker(framework: str, out: str, init: str, *args: str, timeout: float =
     env = dict(os.environ)
     if framework == "jax":
         # 8 simulated devices. Backend optimisation level 0: LLVM compiles the CPU code ~2x faster
-        # (the cost of these checks is compiling ~20 small programs); XLA's own passes, the SPMD
-        # partitioner that places the collectives among them, run in full, and float rounding does
-        # not change (no fast-math either way), so sharded and one-device runs are compared as built.
+        # (the cost of these checks is compiling ~20 small programs). XLA's own passes, the SPMD
+        # partitioner that places the collectives among them, still run in full; the sharded and
+        # the one-device programs are built with the same flags and compared with each other.
         flags = f"--xla_force_host_platform_device_count={JAX_DEVICES} --xla_backend_optimization_level=0"
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
         env["JAX_PLATFORMS"] = "cpu"

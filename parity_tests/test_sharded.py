@@ -168,3 +168,99 @@ def test_resume_jax_2x2_then_torch_1x2(torch_doc):
     torch on one device."""
     rows = [r for r in torch_doc("1x2")["results"] if r.check == "sharded_resume"]
     _assert_rows(rows, {"sharded_resume gpt"})
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data=2,model=x", "needs an integer size"),
+    ("data=2,model", "data=D,model=M"),
+    ("data=2,tensor=2", "axes data, model"),
+    ("model=2,model=4", "twice"),
+    ("data=0", "positive int"),
+    ("", "data=D,model=M"),
+])  # fmt: skip
+def test_mesh_flag_is_parsed_strictly(text, message):
+    from twin_common.mesh import parse_mesh
+
+    with pytest.raises(ValueError, match=message):
+        parse_mesh(text)
+
+
+def test_mesh_sizes_are_checked_together_before_any_work():
+    """Heads, MLP width, d_model, batch and devices: every problem in one ValueError."""
+    from twin_common import GPTConfig
+    from twin_common.mesh import MeshShape, check_mesh, parse_mesh
+
+    assert parse_mesh("model=4") == MeshShape(1, 4) and parse_mesh(" data=2 , model=2 ") == MeshShape(2, 2)
+    cfg = GPTConfig(d_model=30, n_heads=6, mlp_ratio=1)
+    with pytest.raises(ValueError) as e:
+        check_mesh(MeshShape(3, 4), cfg, n_devices=8, batch_size=4)
+    text = str(e.value)
+    for part in ("needs 12 devices, but only 8", "n_heads=6 is not divisible by model=4",
+                 "MLP hidden width 30 is not divisible", "d_model=30", "batch size 4 is not divisible by data=3"):
+        assert part in text, text
+    check_mesh(MeshShape(2, 2), GPTConfig(d_model=32, n_heads=4), n_devices=8, batch_size=4)  # fits
+
+
+def test_torch_world_size_must_match_the_mesh(monkeypatch):
+    """torchrun's WORLD_SIZE against --mesh: a clear error before any process group is made."""
+    import torch.distributed as dist
+
+    from torch_impl.sharding import init_distributed
+    from twin_common import GPTConfig
+    from twin_common.mesh import MeshShape
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match=r"needs 4 processes, but the world size is 3 \(launch with torchrun --nproc-per-node 4\)"):
+        init_distributed(MeshShape(2, 2), GPTConfig(d_model=32, n_heads=4))
+    assert not dist.is_initialized()
+
+
+def test_jax_mesh_larger_than_the_devices_is_refused():
+    import jax
+
+    from jax_impl.sharding import init_distributed
+    from twin_common import GPTConfig
+    from twin_common.mesh import MeshShape
+
+    n = len(jax.devices())
+    with pytest.raises(ValueError, match=f"needs {2 * (n + 1)} devices, but only {n} are visible"):
+        init_distributed(MeshShape(2, n + 1), GPTConfig(d_model=32 * (n + 1), n_heads=4 * (n + 1)))
+
+
+def test_train_script_refuses_a_bad_mesh_before_writing(tmp_path, capsys):
+    from scripts.train import main
+
+    out = tmp_path / "run"
+    code = main(["--framework", "jax", "--mesh", "data=2,model=3", "--model", "tiny", "--steps", "2", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "n_heads=2 is not divisible by model=3" in err, err
+    assert not out.exists()
+    assert main(["--framework", "compare", "--mesh", "model=2", "--out", str(out)]) == 2
+    assert "--mesh is for --framework torch or jax" in capsys.readouterr().err
+
+
+def test_the_plan_comes_from_the_table():
+    """Both plans are read from the table's split column, and agree with it."""
+    from jax_impl.sharding import tp_plan as jax_plan
+    from torch_impl.sharding import tp_plan as torch_plan
+    from twin_common import GPTConfig
+    from weight_conversion.table import Split, table_for
+
+    cfg = GPTConfig(d_model=32, n_heads=4, n_layers=1)
+    t, j = torch_plan(cfg), jax_plan(cfg)
+    assert {k: type(v).__name__ for k, v in t.items()} == {
+        "blocks.0.attn.q_proj": "ColwiseParallel", "blocks.0.attn.k_proj": "ColwiseParallel",
+        "blocks.0.attn.v_proj": "ColwiseParallel", "blocks.0.attn.out_proj": "RowwiseParallel",
+        "blocks.0.mlp.fc_in": "ColwiseParallel", "blocks.0.mlp.fc_out": "RowwiseParallel",
+    }  # fmt: skip
+    for spec in table_for(cfg):
+        pspec = tuple(j[spec.flax_path])
+        assert len(pspec) == len(spec.flax_shape)
+        if spec.split is Split.REPLICATED:
+            assert all(p is None for p in pspec), spec
+        else:  # "model" on the Flax dimension the torch one maps to through the transform
+            assert pspec.index("model") == spec.split.flax_dim(spec), spec
+            assert spec.flax_shape[spec.split.flax_dim(spec)] == spec.torch_shape[spec.split.torch_dim(spec)]
