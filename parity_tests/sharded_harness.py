@@ -333,6 +333,58 @@ def _torch_rank(rank: int, world: int, port: int, out: str, init: str, shape: Me
     torch.distributed.destroy_process_group()
 
 
+def _killed_rank(rank: int, port: int, out: str, init: str) -> None:
+    """Two ranks on (1, 2): rank 1 dies (os._exit) before the first step, rank 0 steps and must fail
+    with PeerFailure instead of waiting; it writes what happened and how long it took."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    import torch
+
+    import weight_conversion as wc
+    from torch_impl import sharding as S
+    from torch_impl.gpt import GPT
+    from weight_conversion.safetensors_io import load_file
+
+    torch.set_num_threads(1)
+    device_mesh = S.init_distributed(MeshShape(1, 2), GPT_CFG, batch_size=TCFG.batch_size, timeout_s=30)
+    model = GPT(GPT_CFG)
+    wc.import_(model, load_file(init)[0])
+    trainer = S.ShardedTrainer(model, TCFG, device_mesh)
+    if rank == 1:
+        os._exit(1)  # as if killed
+    start = time.perf_counter()
+    try:
+        trainer.step(*token_batch(GPT_CFG, TCFG.batch_size, TCFG.seq_len, TCFG.seed, 0))
+        outcome = "no error"
+    except S.PeerFailure as e:
+        outcome = str(e)
+    with open(os.path.join(out, "killed_rank.json"), "w") as f:
+        json.dump({"message": outcome, "seconds": time.perf_counter() - start}, f)
+    os._exit(0)  # the process group cannot be shut down cleanly without its peer
+
+
+def run_killed_rank(out: str, init: str, timeout: float = 120) -> dict:
+    """Fork the two ranks of _killed_rank (torch.multiprocessing, fork), wait at most ``timeout``."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_killed_rank, args=(r, port, out, init)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    alive = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    with open(os.path.join(out, "killed_rank.json")) as f:
+        return {**json.load(f), "still_running_after_timeout": alive}
+
+
 def _pickle_free_save(path: str, tree: dict) -> None:
     """A nested dict of arrays / lists / numbers as one .npz of flat keys plus JSON for the rest."""
     flat, other = {}, {}
@@ -501,7 +553,7 @@ def cross_framework(torch_doc: dict, jax_doc: dict, mesh=(2, 2)) -> Result:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("framework", choices=["jax", "torch"])
+    p.add_argument("framework", choices=["jax", "torch", "killed-rank"])
     p.add_argument("out")
     p.add_argument("init")
     p.add_argument("--meshes", nargs="+", default=[mesh_name(m) for m in JAX_MESHES])
@@ -510,7 +562,11 @@ def main(argv=None) -> int:
     p.add_argument("--resume-from")
     p.add_argument("--sabotage", action="store_true", help="jax: also compile a wrong plan's forward")
     args = p.parse_args(argv)
-    if args.framework == "jax":
+    if args.framework == "killed-rank":
+        doc = run_killed_rank(args.out, args.init)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"results": [], "runs": {"killed_rank": doc}}, f)
+    elif args.framework == "jax":
         _jax_worker(args.out, args.init, [parse_mesh_name(m) for m in args.meshes], args.resume_save, args.sabotage)
     else:
         _torch_worker(args.out, args.init, parse_mesh_name(args.mesh), args.resume_from)

@@ -264,3 +264,13 @@ def test_the_plan_comes_from_the_table():
         else:  # "model" on the Flax dimension the torch one maps to through the transform
             assert pspec.index("model") == spec.split.flax_dim(spec), spec
             assert spec.flax_shape[spec.split.flax_dim(spec)] == spec.torch_shape[spec.split.torch_dim(spec)]
+
+
+def test_a_killed_rank_stops_the_others_quickly(workdir):
+    """Rank 1 of two dies before the first step; rank 0 must stop with a clear error, not wait
+    (gloo reports the closed connection; a hung peer would hit the collective timeout instead)."""
+    doc = sh.run_worker("killed-rank", str(workdir / "killed"), str(workdir / "init.safetensors"), timeout=300)
+    run = doc["runs"]["killed_rank"]
+    assert run["still_running_after_timeout"] == []
+    assert run["message"].startswith("rank 0: a collective failed at step 0; another process of this job has probably died"), run
+    assert run["seconds"] < 30, run  # the collective timeout in this test; measured 0.4 s

@@ -31,6 +31,7 @@ from weight_conversion.table import Split, table_for
 # How long a rank waits in a collective for the others before it gives up with an error (gloo's
 # and NCCL's default is 10 minutes; a killed peer usually surfaces at once as a closed connection).
 DEFAULT_TIMEOUT_S = 120.0
+_timeout_s = DEFAULT_TIMEOUT_S  # the one this process group was made with
 
 
 def device_type() -> str:
@@ -43,6 +44,7 @@ def init_distributed(mesh: MeshShape, cfg, *, batch_size: int | None = None,
 
     Every size is checked first, against the world size torchrun announces (WORLD_SIZE), so a
     wrong --mesh fails in every process with the same message before any connection is made."""
+    global _timeout_s
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_mesh(mesh, cfg, n_devices=world, batch_size=batch_size, exact_devices=True)
     if not dist.is_initialized():
@@ -50,6 +52,7 @@ def init_distributed(mesh: MeshShape, cfg, *, batch_size: int | None = None,
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        _timeout_s = timeout_s
     return make_mesh(mesh)
 
 
@@ -123,6 +126,13 @@ def place_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(t.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
+_COMM_FAILURE_WORDS = ("gloo", "NCCL", "Connection closed", "Timed out", "timed out")
+
+
+class PeerFailure(RuntimeError):
+    """Another process of the job died or hung: this one stops instead of waiting forever."""
+
+
 class ShardedTrainer(Trainer):
     """torch_impl.train.Trainer on a (data, model) mesh: same methods, same NumPy batches (the
     global batch; each process takes its rows), and state() / load() in the same gathered
@@ -131,6 +141,7 @@ class ShardedTrainer(Trainer):
     def __init__(self, model, tcfg, device_mesh: DeviceMesh, *, compile: bool = False, bf16: bool = False):
         check_mesh(MeshShape(*device_mesh.shape), model.cfg, batch_size=tcfg.batch_size)
         self.mesh = device_mesh
+        self.timeout_s = _timeout_s
         shard_model(model, device_mesh)
         super().__init__(model, tcfg, compile=compile, bf16=bf16)
 
@@ -141,8 +152,19 @@ class ShardedTrainer(Trainer):
         return DTensor.from_local(value, self.mesh["data"], [Partial("avg")]).full_tensor()
 
     def step(self, x, y):
-        loss, norm = super().step(local_rows(x, self.mesh), local_rows(y, self.mesh))
-        return self._mean_over_data(loss), norm
+        try:
+            loss, norm = super().step(local_rows(x, self.mesh), local_rows(y, self.mesh))
+            return self._mean_over_data(loss), norm
+        except RuntimeError as e:
+            # gloo / NCCL: a peer closed its connection, or a collective timed out. DTensor's async
+            # collectives surface it as a plain RuntimeError from wait_tensor, so match the text too.
+            if not isinstance(e, dist.DistError) and not any(w in str(e) for w in _COMM_FAILURE_WORDS):
+                raise
+            raise PeerFailure(
+                f"rank {dist.get_rank()}: a collective failed at step {self.step_count}; another process "
+                f"of this job has probably died or hung (collective timeout {self.timeout_s:.0f} s). "
+                f"Resume from the last checkpoint. ({type(e).__name__}: {str(e).splitlines()[0]})"
+            ) from None
 
     def eval_loss(self, x, y) -> float:
         from torch_impl.train import eval_loss
