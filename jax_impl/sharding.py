@@ -14,6 +14,8 @@ jax.distributed.initialize() first, then the same code over jax.devices().
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +33,16 @@ def devices() -> list:
 
 
 def init_distributed(mesh: MeshShape, cfg, *, batch_size: int | None = None) -> Mesh:
-    """Check every size against the visible devices, then build the mesh. (Across hosts, call
-    jax.distributed.initialize() before this: jax.devices() then lists every host's devices.)"""
+    """Check every size against the visible devices, then build the mesh.
+
+    Across hosts (one process per host), JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID in the environment make this call jax.distributed.initialize() first, the
+    counterpart of torchrun's rendezvous: jax.devices() then lists every host's devices."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
+        jax.distributed.initialize(
+            os.environ["JAX_COORDINATOR_ADDRESS"], num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )  # fmt: skip
     check_mesh(mesh, cfg, n_devices=len(devices()), batch_size=batch_size)
     return make_mesh(mesh)
 

@@ -124,9 +124,9 @@ def sharded_trainer(framework: str, model, tcfg, device_mesh, **kwargs):
 
 
 def is_main_process() -> bool:
-    """Rank 0 of a torchrun job (RANK is torchrun's variable), or a single process: the one that
-    writes checkpoints, logs and output."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """Rank 0 of a torchrun job (RANK), process 0 of a multi-host JAX job (JAX_PROCESS_ID), or a
+    single process: the one that writes checkpoints, logs and output."""
+    return int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("JAX_PROCESS_ID", "0")) == 0
 
 
 class FollowerRun:
