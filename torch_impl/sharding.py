@@ -6,7 +6,7 @@ The plan is not written here: it is read from the conversion table's ``split`` c
 (weight_conversion/table.py). A Linear whose weight is split by output features becomes
 ColwiseParallel, one split by input features RowwiseParallel; everything else stays whole.
 
-One process per device, started by torchrun (or torch.multiprocessing.spawn in the tests), each
+One process per device, started by torchrun (or torch.multiprocessing, forking, in the tests), each
 running this same code: gloo on CPU, NCCL on GPU. No collective is written by hand: the DTensor
 styles insert the two all-reduces per block; FSDP2's replicate() averages gradients over "data".
 """
@@ -97,10 +97,6 @@ def shard_model(model: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         replicate(block, mesh=device_mesh["data"])
     replicate(model, mesh=device_mesh["data"])
     return model
-
-
-def is_dtensor(t) -> bool:
-    return isinstance(t, DTensor)
 
 
 def local_rows(x, device_mesh: DeviceMesh):
@@ -199,7 +195,7 @@ class ShardedTrainer(Trainer):
         from weight_conversion.validate import check
 
         table = table_for(self.model.cfg)
-        check(weights, table, "float32" if self.autocast_dtype is None else "float32")
+        check(weights, table, str(next(self.model.parameters()).dtype).removeprefix("torch."))
         check_optim_arrays(self.model.cfg, optim)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
