@@ -76,11 +76,12 @@ class CausalSelfAttention(nnx.Module):
         ``mask`` (B, 1, T, L), True = may attend: x's keys and values are written into the cache
         at slots t..t+T-1 and x attends to the whole cache."""
         B, T, C = x.shape
-        nh, hs = self.cfg.n_heads, self.cfg.d_head
+        hs = self.cfg.d_head
         # JAX attention works on (B, T, nh, hs); torch's on (B, nh, T, hs).
-        q = self.q_proj(x).reshape(B, T, nh, hs)  # (B, T, nh, hs)
-        k = self.k_proj(x).reshape(B, T, nh, hs)  # (B, T, nh, hs)
-        v = self.v_proj(x).reshape(B, T, nh, hs)  # (B, T, nh, hs)
+        # -1, not nh: tensor-parallel, a device holds nh / model heads (jax_impl/sharding.py).
+        q = self.q_proj(x).reshape(B, T, -1, hs)  # (B, T, nh, hs)
+        k = self.k_proj(x).reshape(B, T, -1, hs)  # (B, T, nh, hs)
+        v = self.v_proj(x).reshape(B, T, -1, hs)  # (B, T, nh, hs)
         if t is not None:
             k, v = self.kv_cache.update(k, v, t)  # (B, L, nh, hs) each
         # Two things force the math path where torch's SDPA needs none: jax.nn.dot_product_attention
@@ -94,7 +95,7 @@ class CausalSelfAttention(nnx.Module):
             )  # mask: True = attend, as in torch's SDPA
         else:
             y = self.math_attention(q, k, v, mask)
-        y = y.reshape(B, T, C)  # (B, T, C)
+        y = y.reshape(B, T, -1)  # (B, T, C), or its local C / model features
         return self.resid_dropout(self.out_proj(y))
 
     def math_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:

@@ -62,14 +62,20 @@ def split(model: GPT):
     return nnx.split(model, nnx.Param, ...)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, compute_dtype=None):
+def make_train_step(graphdef, tx: optax.GradientTransformation, compute_dtype=None, shardings=None):
     """A jitted (params, opt_state, rest, x, y) -> (params, opt_state, rest, loss, grad_norm).
 
     params and opt_state are donated: XLA updates them in place instead of keeping two copies.
     ``compute_dtype`` (e.g. bfloat16) runs forward and backward in that dtype against float32
-    master weights."""
+    master weights. ``shardings``: (params, opt_state, rest, batch, scalar) shardings over a mesh
+    (jax_impl/sharding.py); the step then takes and returns arrays laid out so, and XLA's SPMD
+    partitioner inserts the collectives."""
+    kwargs = {}
+    if shardings is not None:
+        p, o, r, b, s = shardings
+        kwargs = {"in_shardings": (p, o, r, b, b), "out_shardings": (p, o, r, s, s)}
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(jax.jit, donate_argnums=(0, 1), **kwargs)
     def train_step(params, opt_state, rest, x, y):
         def loss_of(p):
             if compute_dtype is not None:
@@ -88,8 +94,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, compute_dtype=No
     return train_step
 
 
-def make_eval_loss(graphdef):
-    @jax.jit
+def make_eval_loss(graphdef, shardings=None):
+    kwargs = {}
+    if shardings is not None:  # as make_train_step's
+        p, _, r, b, s = shardings
+        kwargs = {"in_shardings": (p, r, b, b), "out_shardings": s}
+
+    @functools.partial(jax.jit, **kwargs)
     def eval_loss(params, rest, x, y):
         model = nnx.merge(graphdef, params, rest)
         model.eval()

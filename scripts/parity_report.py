@@ -20,6 +20,9 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
                       position of a left-padded batch, float32 and float64
   generate            torch vs JAX on a briefly trained GPT: per-step logits and the greedy and
                       sampled tokens (72 steps, same seed)
+  sharded_*           each twin on (data, model) meshes of simulated CPU devices vs one device:
+                      forward, gradients, 20 AdamW steps; sharded torch vs sharded JAX; a resume
+                      from JAX on (2, 2) into torch on (1, 2) (subprocesses; --skip-sharded)
 All run under matched precision (full-float32 matmuls in both frameworks). Exits 1 if any fails.
 """
 
@@ -87,6 +90,53 @@ def hf_plan(dtypes):
                     yield Planned(f"hf_gpt2 transformers({attn})->{fw} layers={n} seq={seq}", "hf_gpt2",
                                   ("torch", "transformers") + (("jax",) if fw == "jax" else ()),
                                   lambda f=fw, n=n, t=seq, a=attn: hh.hf_gpt2_check(f, n, t, a))
+
+
+def sharded_unavailable() -> str | None:
+    """Why the sharded rows cannot run here, or None."""
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        return "this torch build has no torch.distributed gloo backend"
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "the torch workers fork their ranks, which this platform cannot"
+    return None
+
+
+def sharded_plan():
+    """The sharded rows: one JAX worker (8 simulated devices, meshes 2x2 and 1x4, plus the resume
+    checkpoint), torch workers on 1x2 (with the resume) and 2x2, and sharded torch vs sharded JAX."""
+    import tempfile
+
+    from parity_tests import sharded_harness as sh
+
+    tmp = tempfile.TemporaryDirectory()
+    init, ckpt = os.path.join(tmp.name, "init.safetensors"), os.path.join(tmp.name, "resume.safetensors")
+    docs = {}
+
+    def jax_rows():
+        sh.write_init(init)
+        docs["jax"] = sh.run_worker("jax", os.path.join(tmp.name, "jax"), init, "--meshes", "2x2", "1x4",
+                                    "--resume-save", ckpt)  # fmt: skip
+        return docs["jax"]["results"]
+
+    def torch_rows(mesh):
+        extra = ["--resume-from", ckpt] if mesh == "1x2" else []
+        docs[mesh] = sh.run_worker("torch", os.path.join(tmp.name, f"torch_{mesh}"), init, "--mesh", mesh, *extra)
+        return docs[mesh]["results"]
+
+    def cross():
+        rows = [sh.cross_framework(docs["2x2"], docs["jax"])]
+        tmp.cleanup()
+        return rows
+
+    both = ("torch", "jax")
+    yield Planned("sharded jax 2x2, 1x4 (8 simulated CPU devices)", "sharded", both, jax_rows)
+    for mesh in ("1x2", "2x2"):
+        yield Planned(f"sharded torch {mesh} (gloo processes)", "sharded", both, lambda m=mesh: torch_rows(m))
+    yield Planned("sharded torch 2x2 vs jax 2x2", "sharded", both, cross)
 
 
 def plan(dtypes, heads, torch_devices, jax_devices):
@@ -218,6 +268,8 @@ def main(argv=None) -> int:
                         help="head counts at d_model 128 (default: 1 4)")
     parser.add_argument("--skip-training", action="store_true",
                         help="forward, attention, golden, roundtrip and kv_cache checks only (no training, no generate rows)")
+    parser.add_argument("--skip-sharded", action="store_true",
+                        help="leave out the sharded rows (subprocesses with simulated devices, ~1-3 min)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     bad_heads = [n for n in args.heads if n < 1 or 128 % n]
@@ -236,6 +288,16 @@ def main(argv=None) -> int:
     why = lambda p: "; ".join(missing[f] for f in p.needs if f in missing)  # noqa: E731
     checks = [p for p in planned if not why(p)]
     skipped = [p for p in planned if why(p)]
+    if args.skip_sharded or args.skip_training:
+        skipped_sharded = "--skip-sharded" if args.skip_sharded else "--skip-training"
+    elif "torch" in missing or "jax" in missing:
+        skipped_sharded = "they need both frameworks"
+    else:
+        skipped_sharded = sharded_unavailable()
+    if skipped_sharded is None and "float32" in args.dtypes:
+        checks += list(sharded_plan())
+    elif not args.quiet and "float32" in args.dtypes:
+        print(f"sharded rows skipped: {skipped_sharded}", file=sys.stderr)
     if not args.quiet:
         print(f"running {len(checks)} checks; torch devices {torch_devices}, "
               f"jax devices {list(jax_devices)}", file=sys.stderr)  # fmt: skip
@@ -245,9 +307,10 @@ def main(argv=None) -> int:
             result = item.run()
         except Exception as e:  # noqa: BLE001  (a raising check is a failed row, not a crashed report)
             result = error_result(item, e)
-        results.append(result)
+        group = result if isinstance(result, list) else [result]  # a sharded worker returns several
+        results.extend(group)
         if not args.quiet:
-            verdict = "ok" if result.passed else "FAIL"
+            verdict = "ok" if all(r.passed for r in group) else "FAIL"
             print(f"[{i:3d}/{len(checks)}] {verdict:4s} {item.label}", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
 

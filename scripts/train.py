@@ -29,6 +29,8 @@ from scripts.trainers import MODELS, configs, data_info, load_data, make_trainer
 from twin_common import GPTConfig
 from twin_common import data as D
 from twin_common.config import RUNTIME_FIELDS, config_differences
+from twin_common.mesh import run_for_this_process
+from twin_common.mesh import setup as mesh_setup
 from twin_common.precision import matched_precision
 from twin_common.train_config import TrainConfig
 from weight_conversion.checkpoint import read_checkpoint_metadata
@@ -130,6 +132,8 @@ def train_one(args, explicit: set[str] = frozenset()) -> int:
         model_cfg, tcfg = configs(args, explicit)
         text, info = load_data(args)
     train, val = D.split(text, tcfg.seq_len)
+    args.device_mesh = mesh_setup(args.framework, args.mesh, model_cfg, tcfg.batch_size)  # None without --mesh
+    run = run_for_this_process(run)  # ranks other than 0 read the folder and write nothing
     if args.stop_at is not None and not 1 <= args.stop_at <= tcfg.steps:
         raise RunError(f"--stop-at must be between 1 and --steps={tcfg.steps}, got {args.stop_at}")
     stop = tcfg.steps if args.stop_at is None else args.stop_at
@@ -235,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-matmul", action="store_true",
                    help="leave matmul precision at the frameworks' defaults (TF32 on GPU) instead of pinning")
     p.add_argument("--device", choices=["cpu", "cuda"], help="torch device (default: cuda if present)")
+    p.add_argument("--mesh", metavar="data=D,model=M",
+                   help="tensor (model) and data parallel over D*M devices: JAX over the visible devices; "
+                        "torch under torchrun --nproc-per-node D*M (README: Sharded)")
     p.add_argument("--sample", type=int, default=200, help="bytes of text to sample at the end; 0: none (default: %(default)s)")
     p.add_argument("--no-chaos-reference", dest="chaos_reference", action="store_false",
                    help="compare: skip the third run (torch with the other attention path: the same "
@@ -275,6 +282,8 @@ def flag_problems(args, explicit: set[str]) -> list[str]:
             problems.append("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
     if args.framework == "compare" and args.resume:
         problems.append("--resume is for --framework torch or jax")
+    if args.framework == "compare" and args.mesh:
+        problems.append("--mesh is for --framework torch or jax")
     return problems
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from scripts.run_folder import RunError
 from twin_common import GPTConfig
 from twin_common import data as D
+from twin_common.mesh import sharded_trainer
 from twin_common.train_config import TrainConfig
 
 MODELS = {
@@ -50,6 +51,8 @@ def make_trainer(framework: str, model_cfg: GPTConfig, tcfg: TrainConfig, args, 
         model = GPT(model_cfg).to(device)
         if weights is not None:
             wc.import_(model, weights)
+        if getattr(args, "device_mesh", None) is not None:
+            return sharded_trainer("torch", model, tcfg, args.device_mesh, compile=args.compile, bf16=args.bf16)
         return Trainer(model, tcfg, compile=args.compile, bf16=args.bf16)
     from flax import nnx
 
@@ -59,6 +62,8 @@ def make_trainer(framework: str, model_cfg: GPTConfig, tcfg: TrainConfig, args, 
     model = GPT(model_cfg, rngs=nnx.Rngs(tcfg.seed))
     if weights is not None:
         wc.import_(model, weights)
+    if getattr(args, "device_mesh", None) is not None:
+        return sharded_trainer("jax", model, tcfg, args.device_mesh, bf16=args.bf16)
     return Trainer(model, tcfg, bf16=args.bf16)
 
 

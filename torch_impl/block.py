@@ -57,11 +57,12 @@ class CausalSelfAttention(nn.Module):
         ``mask`` (B, 1, T, L), True = may attend: x's keys and values are written into the cache
         at slots t..t+T-1 and x attends to the whole cache."""
         B, T, C = x.shape
-        nh, hs = self.cfg.n_heads, self.cfg.d_head
+        hs = self.cfg.d_head
         # torch attention works on (B, nh, T, hs); JAX's on (B, T, nh, hs).
-        q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = self.v_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        # -1, not nh: tensor-parallel, a device holds nh / model heads (torch_impl/sharding.py).
+        q = self.q_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.v_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
         if t is not None:
             k, v = self.kv_cache.update(k, v, t)  # (B, nh, L, hs) each
         if self.cfg.attn_impl == "fused":
@@ -74,7 +75,7 @@ class CausalSelfAttention(nn.Module):
             )  # (B, nh, T, hs)
         else:
             y = self.math_attention(q, k, v, mask)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, C), or its local C / model features
         return self.resid_dropout(self.out_proj(y))
 
     def math_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

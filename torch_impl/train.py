@@ -3,6 +3,8 @@ the shared warmup + cosine schedule. Twin of jax_impl/train.py."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from torch_impl.gpt import GPT, loss_fn
@@ -26,6 +28,27 @@ def make_optimizer(model: GPT, tcfg: TrainConfig) -> torch.optim.AdamW:
     )  # fmt: skip
 
 
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_; returns the global norm before clipping.
+
+    Sharded (torch_impl/sharding.py), the gradients are DTensors on two meshes (the 2-D mesh for
+    tensor-parallel weights, its "data" axis for the rest) and DTensor ops refuse to mix meshes:
+    each mesh's norm is taken by DTensor (which reduces over the shards), then they are combined."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    groups: dict = {}
+    for p in params:
+        groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    if list(groups) == [None]:  # one device: torch's own function
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in groups.values()]
+    norm = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
+    return norm
+
+
 def train_step(
     model: torch.nn.Module, optimizer: torch.optim.AdamW, x: torch.Tensor, y: torch.Tensor,
     tcfg: TrainConfig, step: int, autocast_dtype: torch.dtype | None = None,
@@ -39,11 +62,8 @@ def train_step(
         logits = model(x)
     loss = loss_fn(logits, y)
     loss.backward()
-    if tcfg.grad_clip > 0:
-        # scales by grad_clip / (norm + 1e-6) when norm > grad_clip; the JAX twin does the same
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    # scales by grad_clip / (norm + 1e-6) when norm > grad_clip; the JAX twin does the same
+    norm = clip_grad_norm(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
     optimizer.step()
     return loss.detach(), norm.detach()
 

@@ -38,12 +38,47 @@ class Transform(enum.Enum):
         return tuple(reversed(torch_shape)) if self is Transform.TRANSPOSE else torch_shape
 
 
+class Split(enum.Enum):
+    """How a parameter is divided across the ``model`` (tensor-parallel) mesh axis, in words that
+    hold in both layouts. Megatron-LM's scheme (Shoeybi et al. 2019, arXiv:1909.08053, section 3):
+    a layer split by output features needs its whole input and yields a slice of its output; the
+    next layer, split by input features, takes that slice and yields a partial sum, which one
+    all-reduce completes. Attention and MLP each pair the two, so a block needs two all-reduces.
+
+    Each framework turns this into its own plan (jax_impl/sharding.py: a PartitionSpec per
+    parameter; torch_impl/sharding.py: ColwiseParallel / RowwiseParallel per Linear); neither
+    restates which parameter splits how.
+    """
+
+    REPLICATED = "replicated"  # every device holds all of it
+    OUT_FEATURES = "out"  # torch weight (out, in): dim 0; Flax kernel (in, out): dim 1; bias: dim 0
+    IN_FEATURES = "in"  # torch weight (out, in): dim 1; Flax kernel (in, out): dim 0
+
+    def torch_dim(self, spec: "ParamSpec") -> int | None:
+        """The torch-layout dimension split across ``model`` (None: replicated)."""
+        if self is Split.REPLICATED:
+            return None
+        if len(spec.torch_shape) == 1:  # a bias: it has only output features
+            if self is Split.IN_FEATURES:
+                raise ValueError(f"{spec.torch_key}: a bias has no input features to split")
+            return 0
+        return 0 if self is Split.OUT_FEATURES else 1
+
+    def flax_dim(self, spec: "ParamSpec") -> int | None:
+        """The Flax-layout dimension split across ``model``: the torch one, through the transform."""
+        dim = self.torch_dim(spec)
+        if dim is None or spec.transform is not Transform.TRANSPOSE:
+            return dim
+        return len(spec.torch_shape) - 1 - dim
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     torch_key: str  # state_dict key, e.g. "attn.q_proj.weight"
     flax_path: FlaxPath  # attribute path in the nnx.Module, e.g. ("attn", "q_proj", "kernel")
     transform: Transform
     torch_shape: tuple[int, ...]  # shape in torch layout, from the config
+    split: Split = Split.REPLICATED  # across the tensor-parallel ``model`` mesh axis
 
     @property
     def flax_shape(self) -> tuple[int, ...]:
@@ -57,6 +92,7 @@ class ParamSpec:
 
 
 ID, T = Transform.IDENTITY, Transform.TRANSPOSE
+REP, OUT, IN = Split.REPLICATED, Split.OUT_FEATURES, Split.IN_FEATURES
 
 
 def block_table(
@@ -69,27 +105,27 @@ def block_table(
     """
     C, H = cfg.d_model, cfg.d_hidden
     rows = (
-        # torch key              Flax path                        transform  torch shape
-        ("ln_1.weight",          ("ln_1", "scale"),               ID,        (C,)),
-        ("ln_1.bias",            ("ln_1", "bias"),                ID,        (C,)),
-        ("attn.q_proj.weight",   ("attn", "q_proj", "kernel"),    T,         (C, C)),
-        ("attn.q_proj.bias",     ("attn", "q_proj", "bias"),      ID,        (C,)),
-        ("attn.k_proj.weight",   ("attn", "k_proj", "kernel"),    T,         (C, C)),
-        ("attn.k_proj.bias",     ("attn", "k_proj", "bias"),      ID,        (C,)),
-        ("attn.v_proj.weight",   ("attn", "v_proj", "kernel"),    T,         (C, C)),
-        ("attn.v_proj.bias",     ("attn", "v_proj", "bias"),      ID,        (C,)),
-        ("attn.out_proj.weight", ("attn", "out_proj", "kernel"),  T,         (C, C)),
-        ("attn.out_proj.bias",   ("attn", "out_proj", "bias"),    ID,        (C,)),
-        ("ln_2.weight",          ("ln_2", "scale"),               ID,        (C,)),
-        ("ln_2.bias",            ("ln_2", "bias"),                ID,        (C,)),
-        ("mlp.fc_in.weight",     ("mlp", "fc_in", "kernel"),      T,         (H, C)),
-        ("mlp.fc_in.bias",       ("mlp", "fc_in", "bias"),        ID,        (H,)),
-        ("mlp.fc_out.weight",    ("mlp", "fc_out", "kernel"),     T,         (C, H)),
-        ("mlp.fc_out.bias",      ("mlp", "fc_out", "bias"),       ID,        (C,)),
+        # torch key              Flax path                        transform  torch shape  split over `model`
+        ("ln_1.weight",          ("ln_1", "scale"),               ID,        (C,),        REP),
+        ("ln_1.bias",            ("ln_1", "bias"),                ID,        (C,),        REP),
+        ("attn.q_proj.weight",   ("attn", "q_proj", "kernel"),    T,         (C, C),      OUT),  # whole heads
+        ("attn.q_proj.bias",     ("attn", "q_proj", "bias"),      ID,        (C,),        OUT),
+        ("attn.k_proj.weight",   ("attn", "k_proj", "kernel"),    T,         (C, C),      OUT),
+        ("attn.k_proj.bias",     ("attn", "k_proj", "bias"),      ID,        (C,),        OUT),
+        ("attn.v_proj.weight",   ("attn", "v_proj", "kernel"),    T,         (C, C),      OUT),
+        ("attn.v_proj.bias",     ("attn", "v_proj", "bias"),      ID,        (C,),        OUT),
+        ("attn.out_proj.weight", ("attn", "out_proj", "kernel"),  T,         (C, C),      IN),   # all-reduce
+        ("attn.out_proj.bias",   ("attn", "out_proj", "bias"),    ID,        (C,),        REP),  # added once
+        ("ln_2.weight",          ("ln_2", "scale"),               ID,        (C,),        REP),
+        ("ln_2.bias",            ("ln_2", "bias"),                ID,        (C,),        REP),
+        ("mlp.fc_in.weight",     ("mlp", "fc_in", "kernel"),      T,         (H, C),      OUT),
+        ("mlp.fc_in.bias",       ("mlp", "fc_in", "bias"),        ID,        (H,),        OUT),
+        ("mlp.fc_out.weight",    ("mlp", "fc_out", "kernel"),     T,         (C, H),      IN),   # all-reduce
+        ("mlp.fc_out.bias",      ("mlp", "fc_out", "bias"),       ID,        (C,),        REP),  # added once
     )  # fmt: skip
     return tuple(
-        ParamSpec(torch_prefix + key, tuple(flax_prefix) + path, transform, shape)
-        for key, path, transform, shape in rows
+        ParamSpec(torch_prefix + key, tuple(flax_prefix) + path, transform, shape, split)
+        for key, path, transform, shape, split in rows
         if cfg.bias or not key.endswith(".bias")
     )
 
@@ -99,6 +135,10 @@ def gpt_table(cfg: GPTConfig) -> tuple[ParamSpec, ...]:
     LayerNorm and, when not tied to the token embedding, the LM head."""
     V, T_, C = cfg.vocab_size, cfg.block_size, cfg.d_model
     bc = cfg.block_config()
+    # Embeddings, ln_f and the LM head stay replicated over `model`: at this project's sizes
+    # (vocabulary 256) a replicated table costs little memory and no communication, while splitting
+    # it by vocabulary would need a masked lookup plus an all-reduce, and for the tied head a
+    # vocabulary-parallel cross-entropy (Megatron's), all beyond the two all-reduces per block.
     rows = [
         ParamSpec("wte.weight", ("wte", "embedding"), ID, (V, C)),  # both store (vocab, C)
         ParamSpec("wpe.weight", ("wpe", "embedding"), ID, (T_, C)),

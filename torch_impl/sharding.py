@@ -1,0 +1,209 @@
+"""Tensor + data parallel for the PyTorch twins on torch.distributed: a DeviceMesh with axes
+("data", "model"), DTensor Linears from a parallelize plan, data parallel over "data".
+Twin of jax_impl/sharding.py: same functions, same order; read the two side by side.
+
+The plan is not written here: it is read from the conversion table's ``split`` column
+(weight_conversion/table.py). A Linear whose weight is split by output features becomes
+ColwiseParallel, one split by input features RowwiseParallel; everything else stays whole.
+
+One process per device, started by torchrun (or torch.multiprocessing, forking, in the tests), each
+running this same code: gloo on CPU, NCCL on GPU. No collective is written by hand: the DTensor
+styles insert the two all-reduces per block; FSDP2's replicate() averages gradients over "data".
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from torch_impl.train import Trainer
+from twin_common.mesh import AXES, MeshShape, check_mesh
+from weight_conversion.table import Split, table_for
+
+# How long a rank waits in a collective for the others before it gives up with an error (gloo's
+# and NCCL's default is 10 minutes; a killed peer usually surfaces at once as a closed connection).
+DEFAULT_TIMEOUT_S = 120.0
+_timeout_s = DEFAULT_TIMEOUT_S  # the one this process group was made with
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed(mesh: MeshShape, cfg, *, batch_size: int | None = None,
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> DeviceMesh:  # fmt: skip
+    """Join the process group torchrun (or spawn) set up through the environment and build the mesh.
+
+    Every size is checked first, against the world size torchrun announces (WORLD_SIZE), so a
+    wrong --mesh fails in every process with the same message before any connection is made."""
+    global _timeout_s
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_mesh(mesh, cfg, n_devices=world, batch_size=batch_size, exact_devices=True)
+    if not dist.is_initialized():
+        backend = "nccl" if device_type() == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        _timeout_s = timeout_s
+    return make_mesh(mesh)
+
+
+def make_mesh(mesh: MeshShape) -> DeviceMesh:
+    """The (data, model) DeviceMesh over this process group (ranks in row-major order)."""
+    return init_device_mesh(device_type(), mesh.shape, mesh_dim_names=AXES)
+
+
+def tp_plan(cfg) -> dict[str, ColwiseParallel | RowwiseParallel]:
+    """{module path: DTensor style} for every Linear the table splits over ``model``.
+
+    ColwiseParallel shards weight (out, in) and bias on dim 0 and, with use_local_output (its
+    default), hands the next module a plain tensor of C / model local features; RowwiseParallel
+    shards weight on dim 1, keeps the bias whole and all-reduces its output."""
+    styles = {Split.OUT_FEATURES: ColwiseParallel, Split.IN_FEATURES: RowwiseParallel}
+    plan = {}
+    for spec in table_for(cfg):
+        module, _, name = spec.torch_key.rpartition(".")
+        if name == "weight" and spec.split in styles:
+            plan[module] = styles[spec.split]()
+    # The styles decide the bias placement themselves: check that they agree with the table.
+    for spec in table_for(cfg):
+        module, _, name = spec.torch_key.rpartition(".")
+        if name == "bias" and module in plan:
+            expected = Split.OUT_FEATURES if isinstance(plan[module], ColwiseParallel) else Split.REPLICATED
+            if spec.split is not expected:
+                raise AssertionError(f"{spec.torch_key}: the table says {spec.split}, {type(plan[module]).__name__} does {expected}")
+    return plan
+
+
+def shard_model(model: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    """Make ``model`` (built on every rank from the same weights) tensor-parallel over "model" and
+    data-parallel over "data", in place. Parameters become DTensors."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    check_mesh(MeshShape(*device_mesh.shape), model.cfg)
+    parallelize_module(model, device_mesh["model"], tp_plan(model.cfg))
+    # Data parallel: FSDP2's replicate() keeps whole copies along "data" and averages gradients
+    # after backward (DDP semantics, FSDP2 machinery: it accepts the DTensor parameters above).
+    blocks = getattr(model, "blocks", None)
+    for block in blocks if blocks is not None else ():
+        replicate(block, mesh=device_mesh["data"])
+    replicate(model, mesh=device_mesh["data"])
+    return model
+
+
+def local_rows(x, device_mesh: DeviceMesh):
+    """This process's slice of a global batch: rows split over "data", the same on every "model" rank."""
+    n = device_mesh["data"].size()
+    rows = x.shape[0] // n
+    start = device_mesh.get_local_rank("data") * rows
+    return x[start : start + rows]
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (a DTensor's shards put together; a plain tensor as it is)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def place_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (whole, the same on every rank) laid out as ``like``: each rank keeps its own slice.
+    src_data_rank=None: every rank already holds the data, so nothing is sent."""
+    if not isinstance(like, DTensor):
+        return t.to(like.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+_COMM_FAILURE_WORDS = ("gloo", "NCCL", "Connection closed", "Timed out", "timed out")
+
+
+class PeerFailure(RuntimeError):
+    """Another process of the job died or hung: this one stops instead of waiting forever."""
+
+
+class ShardedTrainer(Trainer):
+    """torch_impl.train.Trainer on a (data, model) mesh: same methods, same NumPy batches (the
+    global batch; each process takes its rows), and state() / load() in the same gathered
+    interchange layout, so a checkpoint moves between any mesh, either framework, one device."""
+
+    def __init__(self, model, tcfg, device_mesh: DeviceMesh, *, compile: bool = False, bf16: bool = False):
+        check_mesh(MeshShape(*device_mesh.shape), model.cfg, batch_size=tcfg.batch_size)
+        self.mesh = device_mesh
+        self.timeout_s = _timeout_s
+        shard_model(model, device_mesh)
+        super().__init__(model, tcfg, compile=compile, bf16=bf16)
+
+    def _mean_over_data(self, value: torch.Tensor) -> torch.Tensor:
+        """A per-process mean (over this process's rows) -> the global batch's mean."""
+        from torch.distributed.tensor import Partial
+
+        return DTensor.from_local(value, self.mesh["data"], [Partial("avg")]).full_tensor()
+
+    def step(self, x, y):
+        try:
+            loss, norm = super().step(local_rows(x, self.mesh), local_rows(y, self.mesh))
+            return self._mean_over_data(loss), norm
+        except RuntimeError as e:
+            # gloo / NCCL: a peer closed its connection, or a collective timed out. DTensor's async
+            # collectives surface it as a plain RuntimeError from wait_tensor, so match the text too.
+            if not isinstance(e, dist.DistError) and not any(w in str(e) for w in _COMM_FAILURE_WORDS):
+                raise
+            raise PeerFailure(
+                f"rank {dist.get_rank()}: a collective failed at step {self.step_count}; another process "
+                f"of this job has probably died or hung (collective timeout {self.timeout_s:.0f} s). "
+                f"Resume from the last checkpoint. ({type(e).__name__}: {str(e).splitlines()[0]})"
+            ) from None
+
+    def eval_loss(self, x, y) -> float:
+        from torch_impl.train import eval_loss
+
+        local = eval_loss(self.forward_model, self._tensor(local_rows(x, self.mesh)), self._tensor(local_rows(y, self.mesh)))
+        return float(self._mean_over_data(local))
+
+    def state(self):
+        """(weights, optimizer moments, step), gathered, in the interchange layout (on every rank)."""
+        from weight_conversion.optim_state import MOMENTS
+        from weight_conversion.torch_side import tensor_to_numpy
+
+        params = dict(self.model.named_parameters())
+        weights, optim, steps = {}, {}, set()
+        for spec in table_for(self.model.cfg):
+            p = params[spec.torch_key]
+            weights[spec.torch_key] = tensor_to_numpy(gather(p.detach()))
+            state = self.optimizer.state.get(p, {})
+            for m in MOMENTS:
+                optim[f"optim.{m}.{spec.torch_key}"] = (
+                    tensor_to_numpy(gather(state[m])) if state else np.zeros(spec.torch_shape, np.float32)
+                )
+            steps.add(int(state["step"]) if state else 0)
+        if steps != {self.step_count}:
+            raise RuntimeError(f"AdamW is at steps {sorted(steps)} but the trainer at {self.step_count}")
+        return weights, optim, self.step_count
+
+    def load(self, weights: dict, optim: dict, step: int) -> None:
+        """Every rank reads the same gathered arrays and keeps its own slices; checks first."""
+        from weight_conversion.optim_state import MOMENTS, check_optim_arrays
+        from weight_conversion.torch_side import numpy_to_tensor
+        from weight_conversion.validate import check
+
+        table = table_for(self.model.cfg)
+        check(weights, table, str(next(self.model.parameters()).dtype).removeprefix("torch."))
+        check_optim_arrays(self.model.cfg, optim)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for spec in table:
+                p = params[spec.torch_key]
+                p.copy_(place_like(numpy_to_tensor(weights[spec.torch_key]), p))
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(float(step), dtype=torch.float32),
+                    **{m: place_like(numpy_to_tensor(optim[f"optim.{m}.{spec.torch_key}"]), p) for m in MOMENTS},
+                }
+        self.step_count = step

@@ -1,0 +1,165 @@
+"""The device mesh both sharded twins run on, in framework-neutral terms: ``--mesh data=D,model=M``.
+
+Two named axes, the same names in both frameworks (jax.sharding.Mesh / torch init_device_mesh):
+
+- ``data``: data parallel. The batch is split across it; parameters are replicated along it and
+  their gradients averaged over it.
+- ``model``: tensor parallel (Megatron-style). Parameters are split along it as the conversion
+  table's ``split`` column says (weight_conversion/table.py); activations between blocks are whole.
+
+Every size is checked here, before any model is built or process group touched, and all problems
+come back in one ValueError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+AXES = ("data", "model")  # mesh axis names, in this order, in both frameworks
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+    data: int = 1
+    model: int = 1
+
+    def __post_init__(self) -> None:
+        for name in AXES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"mesh axis {name!r} must be a positive int, got {value!r}")
+
+    @property
+    def size(self) -> int:
+        return self.data * self.model
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.data, self.model)
+
+    def __str__(self) -> str:
+        return f"data={self.data},model={self.model}"
+
+
+def parse_mesh(text: str) -> MeshShape:
+    """``"data=2,model=4"`` -> MeshShape(2, 4). Either axis may be left out (size 1)."""
+    sizes: dict[str, int] = {}
+    for part in (p.strip() for p in str(text).split(",")):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or name not in AXES:
+            raise ValueError(f"--mesh takes 'data=D,model=M' (axes {', '.join(AXES)}), got {text!r}")
+        if name in sizes:
+            raise ValueError(f"--mesh names axis {name!r} twice: {text!r}")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh axis {name!r} needs an integer size, got {value.strip()!r}") from None
+    return MeshShape(**sizes)
+
+
+def mesh_problems(mesh: MeshShape, cfg, *, n_devices: int | None = None, batch_size: int | None = None,
+                  exact_devices: bool = False) -> list[str]:  # fmt: skip
+    """Every reason ``cfg`` (BlockConfig or GPTConfig) cannot run on ``mesh``; empty when it can.
+
+    ``n_devices``: the devices there are (JAX: visible devices, any surplus unused; torch: the world
+    size, which must match exactly, ``exact_devices=True``). ``batch_size``: the global batch, split
+    over ``data``.
+    """
+    problems = []
+    m = mesh.model
+    if n_devices is not None:
+        if exact_devices and mesh.size != n_devices:
+            problems.append(f"mesh {mesh} needs {mesh.size} processes, but the world size is {n_devices} "
+                            f"(launch with torchrun --nproc-per-node {mesh.size})")
+        elif mesh.size > n_devices:
+            problems.append(f"mesh {mesh} needs {mesh.size} devices, but only {n_devices} are visible")
+    if cfg.n_heads % m:  # heads stay whole: each device computes n_heads / model of them
+        problems.append(f"n_heads={cfg.n_heads} is not divisible by model={m} (heads cannot be split)")
+    d_hidden = cfg.mlp_ratio * cfg.d_model
+    if d_hidden % m:
+        problems.append(f"MLP hidden width {d_hidden} is not divisible by model={m}")
+    if cfg.d_model % m:
+        problems.append(f"d_model={cfg.d_model} is not divisible by model={m}")
+    if batch_size is not None and batch_size % mesh.data:
+        problems.append(f"batch size {batch_size} is not divisible by data={mesh.data}")
+    return problems
+
+
+def check_mesh(mesh: MeshShape, cfg, **kwargs) -> None:
+    """Raise one ValueError naming every size that does not fit (see mesh_problems)."""
+    problems = mesh_problems(mesh, cfg, **kwargs)
+    if problems:
+        raise ValueError(f"cannot shard over mesh {mesh}: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------- scripts.train --mesh glue
+
+
+def setup(framework: str, text: str | None, model_cfg, batch_size: int):
+    """``scripts.train --mesh``: parse, check every size (one ValueError, before any work), then join
+    the process group (torch, under torchrun) or lay the mesh over the visible devices (JAX).
+    Returns the framework's mesh object, or None without --mesh."""
+    if not text:
+        return None
+    if framework not in ("torch", "jax"):
+        raise ValueError("--mesh is for --framework torch or jax")
+    shape = parse_mesh(text)
+    if framework == "torch":
+        from torch_impl.sharding import init_distributed
+    else:
+        from jax_impl.sharding import init_distributed
+    return init_distributed(shape, model_cfg, batch_size=batch_size)
+
+
+def sharded_trainer(framework: str, model, tcfg, device_mesh, **kwargs):
+    """The framework's ShardedTrainer: the Trainer's methods, over ``device_mesh``."""
+    if framework == "torch":
+        from torch_impl.sharding import ShardedTrainer
+    else:
+        from jax_impl.sharding import ShardedTrainer
+    return ShardedTrainer(model, tcfg, device_mesh, **kwargs)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job (RANK), process 0 of a multi-host JAX job (JAX_PROCESS_ID), or a
+    single process: the one that writes checkpoints, logs and output."""
+    return int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("JAX_PROCESS_ID", "0")) == 0
+
+
+class FollowerRun:
+    """The run folder as a process other than rank 0 sees it: it reads like rank 0 (to resume from
+    the same checkpoint) and writes nothing. ``save`` still gathers the trainer's state, because
+    gathering is a collective that every rank must join."""
+
+    def __init__(self, run):
+        self._run = run
+
+    def __getattr__(self, name):
+        return getattr(self._run, name)
+
+    def save(self, trainer, model_cfg, extra) -> str:
+        _, _, step = trainer.state()
+        return os.path.join(self._run.path, "ckpt", f"step_{step:06d}.safetensors")
+
+    def append_log(self, record) -> None:
+        pass
+
+    def truncate_log(self, step) -> None:
+        pass
+
+    def remove_temporaries(self) -> list[str]:
+        return []
+
+    def start_over(self) -> None:
+        pass
+
+
+def run_for_this_process(run):
+    """``run`` on rank 0 (or one process); a FollowerRun elsewhere, with its output silenced."""
+    if is_main_process():
+        return run
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+    return FollowerRun(run)
