@@ -1,12 +1,18 @@
 """Training-step benchmark for both twins: ms/step, tokens/s and FLOP/s (nanoGPT's formula).
 
     python -m scripts.bench_train                       # small model; CPU, or GPU when present
+    python -m scripts.bench_train --model wide          # 4 layers x 256: a second shape
+    python -m scripts.bench_train --profile             # and the top ops of each framework's step
+    python -m scripts.bench_train --threads 1           # both frameworks on one core
     python -m scripts.bench_train --model gpt2 --bf16   # GPT-2 124M shape, 16 x 1024 tokens
     python -m scripts.bench_train --mesh data=2,model=2 --cpu-devices 8   # JAX sharded, + collectives
 
-Each mode is warmed up (compilation excluded), then timed over --steps steps with the device
-synchronised around every step; the median is reported. Figures print, nothing is asserted: speed
-targets live here, not in the tests.
+Every mode is built and warmed up first (compilation excluded), then the modes take turns, one
+step each, for --steps rounds, so that load from other processes falls on all of them alike; the
+device is synchronised around every step. The table gives the median wall time and the median
+process CPU time per step (summed over the process's threads; on a loaded machine it is the
+steadier of the two) and each as a ratio to torch eager. Figures print, nothing is asserted:
+speed targets live here, not in the tests.
 FLOPs per token = 6 N + 12 L H Q T (N parameters without the position embedding, L layers,
 H heads, Q head size, T sequence length), as nanoGPT's estimate_mfu counts them.
 """
@@ -14,12 +20,14 @@ H heads, Q head size, T sequence length), as nanoGPT's estimate_mfu counts them.
 from __future__ import annotations
 
 import argparse
-import gc
+import dataclasses
 import importlib
+import itertools
 import os
 import statistics
 import sys
 import time
+from typing import Callable
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch too
 
@@ -31,6 +39,7 @@ from twin_common.train_config import TrainConfig  # noqa: E402
 
 MODELS = {
     "small": (GPTConfig(vocab_size=256, block_size=64, n_layers=2, d_model=128, n_heads=4), 16),
+    "wide": (GPTConfig(vocab_size=256, block_size=64, n_layers=4, d_model=256, n_heads=4), 16),
     "gpt2": (GPTConfig.nanogpt_124m_padded(), 16),
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
@@ -41,58 +50,82 @@ def flops_per_token(cfg: GPTConfig, seq_len: int, n_params: int) -> float:
     return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.d_head * seq_len
 
 
-def time_steps(step, sync, warmup: int, steps: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
+@dataclasses.dataclass
+class Mode:
+    name: str
+    step: Callable[[], None]  # one training step on the next batch
+    sync: Callable[[], None]  # wait for the device
+    n_params: int
+    profile: Callable[[int], object]  # steps -> scripts.profile_ops.Profile
+    wall: list[float] = dataclasses.field(default_factory=list)
+    cpu: list[float] = dataclasses.field(default_factory=list)
 
 
-def bench_torch(cfg, tcfg, batches, compile_: bool, bf16: bool, warmup: int, steps: int, device: str):
+def torch_mode(name, cfg, tcfg, batches, compile_: bool, bf16: bool, device: str) -> Mode:
     import torch
 
+    from scripts.profile_ops import profile_torch
     from torch_impl.gpt import GPT
     from torch_impl.train import Trainer
 
     torch.manual_seed(0)
     trainer = Trainer(GPT(cfg).to(device), tcfg, compile=compile_, bf16=bf16)
-    n_params = sum(p.numel() for p in trainer.model.parameters())
-    it = iter(range(10**9))
+    it = itertools.count()
 
     def step():
         trainer.step(*batches[next(it) % len(batches)])
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    return time_steps(step, sync, warmup, steps), n_params
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    return Mode(name, step, sync, n_params, lambda steps: profile_torch(step, sync, steps, name))
 
 
-def bench_jax(cfg, tcfg, batches, bf16: bool, warmup: int, steps: int):
+def jax_mode(name, cfg, tcfg, batches, bf16: bool) -> Mode:
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from jax_impl.gpt import GPT
     from jax_impl.train import Trainer
+    from scripts.profile_ops import profile_jax
 
     trainer = Trainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg, bf16=bf16)
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(trainer.params))
-    it = iter(range(10**9))
+    it = itertools.count()
     last = []
 
     def step():
         last[:] = [trainer.step(*batches[next(it) % len(batches)])[0]]
 
-    times = time_steps(step, lambda: last and jax.block_until_ready(last[0]), warmup, steps)
-    return times, n_params
+    def sync():
+        if last:
+            jax.block_until_ready(last[0])
+
+    def profile(steps: int):
+        x, y = (jnp.asarray(a, jnp.int32) for a in batches[0])
+        hlo = trainer._train_step.lower(trainer.params, trainer.opt_state, trainer.rest, x, y).compile().as_text()
+        return profile_jax(step, sync, hlo, steps)
+
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(trainer.params))
+    return Mode(name, step, sync, n_params, profile)
 
 
-def bench_jax_sharded(cfg, tcfg, batches, mesh_text: str, bf16: bool, warmup: int, steps: int):
-    """JAX ShardedTrainer on --mesh: step times, and the collectives of the compiled step."""
+def time_interleaved(modes: list[Mode], warmup: int, rounds: int) -> None:
+    """Warm every mode up, then ``rounds`` rounds of one timed step per mode (the order rotates)."""
+    for m in modes:
+        for _ in range(warmup):
+            m.step()
+        m.sync()
+    for r in range(rounds):
+        for m in modes[r % len(modes):] + modes[: r % len(modes)]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            m.step()
+            m.sync()
+            m.wall.append(time.perf_counter() - wall)
+            m.cpu.append(time.process_time() - cpu)
+
+
+def jax_sharded_mode(name, cfg, tcfg, batches, mesh_text: str, bf16: bool) -> tuple[Mode, list]:
+    """JAX ShardedTrainer on --mesh, and the collectives of its compiled step."""
     import jax
     from flax import nnx
 
@@ -107,14 +140,22 @@ def bench_jax_sharded(cfg, tcfg, batches, mesh_text: str, bf16: bool, warmup: in
     hlo = trainer._train_step.lower(trainer.params, trainer.opt_state, trainer.rest, trainer._batch(x),
                                     trainer._batch(y)).compile().as_text()  # fmt: skip
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(trainer.params))
-    it = iter(range(10**9))
+    it = itertools.count()
     last = []
 
     def step():
         last[:] = [trainer.step(*batches[next(it) % len(batches)])[0]]
 
-    times = time_steps(step, lambda: last and jax.block_until_ready(last[0]), warmup, steps)
-    return times, n_params, collective_bytes(hlo, mesh, cfg, tcfg, shape)
+    def sync():
+        if last:
+            jax.block_until_ready(last[0])
+
+    def profile(steps: int):
+        from scripts.profile_ops import profile_jax
+
+        return profile_jax(step, sync, hlo, steps)
+
+    return Mode(name, step, sync, n_params, profile), collective_bytes(hlo, mesh, cfg, tcfg, shape)
 
 
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "s32": 4, "u32": 4, "pred": 1}
@@ -177,20 +218,27 @@ def main(argv=None) -> int:
                    help="simulate N CPU devices for JAX (XLA_FLAGS, set before JAX starts)")
     p.add_argument("--jax-attention", choices=["xla", "cudnn"],
                    help="force jax.nn.dot_product_attention's implementation (default: JAX chooses)")
+    p.add_argument("--threads", type=int,
+                   help="run both frameworks on this many cores (CPU affinity and torch.set_num_threads; "
+                        "XLA sizes its pool from the affinity). Default: each framework's own default")
+    p.add_argument("--profile", action="store_true", help="after timing, print each mode's top ops")
+    p.add_argument("--top", type=int, default=12, help="ops per framework in the --profile table")
     args = p.parse_args(argv)
     if args.cpu_devices:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.cpu_devices}"
     if args.mesh:
         args.modes = ["jax-sharded"]
+    if args.threads:  # before jax and torch start their thread pools
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
 
     # A machine may have one framework only (a TPU VM has no torch): run the modes it can.
     missing = {name: reason for name in ("torch", "jax") if (reason := framework_missing(name))}
-    modes = [m for m in args.modes if m.split("-")[0] not in missing]
+    names = [m for m in args.modes if m.split("-")[0] not in missing]
     for name, reason in missing.items():
         skipped = [m for m in args.modes if m.startswith(name)]
         if skipped:
             print(f"skipped {', '.join(skipped)}: {reason}", file=sys.stderr)
-    if not modes:
+    if not names:
         print("nothing to run: " + "; ".join(missing.values()), file=sys.stderr)
         return 1
     torch = None if "torch" in missing else importlib.import_module("torch")
@@ -199,6 +247,8 @@ def main(argv=None) -> int:
         import jax_impl.block
 
         jax_impl.block.ATTENTION_IMPLEMENTATION = args.jax_attention
+    if torch is not None and args.threads:
+        torch.set_num_threads(args.threads)
     cfg, default_batch = MODELS[args.model]
     batch = args.batch_size or default_batch
     seq = args.seq_len or cfg.block_size
@@ -208,31 +258,36 @@ def main(argv=None) -> int:
     device = "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
+    load = os.getloadavg()[0]
+    torch_text = f"{torch.__version__} on {gpu or 'cpu'} ({torch.get_num_threads()} threads)" if torch else "-"
+    jax_text = f"{jax.__version__} on {jax.devices()[0].platform}" if jax else "-"
     print(f"model {args.model} ({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
           f"vocab {cfg.vocab_size}), batch {batch} x {seq}, {'bf16' if args.bf16 else 'float32'}; "
-          f"torch {torch.__version__ + ' on ' + (gpu or 'cpu') if torch else '-'}, "
-          f"jax {jax.__version__ + ' on ' + jax.devices()[0].platform if jax else '-'} "
-          f"(attention: {args.jax_attention or 'JAX chooses'})",
+          f"torch {torch_text}, jax {jax_text} (attention: {args.jax_attention or 'JAX chooses'}); "
+          f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, load average {load:.2f}",
           file=sys.stderr)  # fmt: skip
-    rows, comm = [], None
-    for mode in modes:
-        print(f"  {mode}: warming up and timing ...", file=sys.stderr, flush=True)
-        if mode.startswith("torch"):
-            times, n = bench_torch(cfg, tcfg, batches, mode == "torch-compile", args.bf16, args.warmup, args.steps, device)
-            gc.collect()  # the trainer is gone: give its GPU memory back before the next mode
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        elif mode == "jax-sharded":
-            times, n, comm = bench_jax_sharded(cfg, tcfg, batches, args.mesh, args.bf16, args.warmup, args.steps)
-            mode = f"jax-jit, mesh {args.mesh}"
+    modes, comm = [], None
+    for name in names:
+        print(f"  {name}: building and warming up ...", file=sys.stderr, flush=True)
+        if name.startswith("torch"):
+            modes.append(torch_mode(name, cfg, tcfg, batches, name == "torch-compile", args.bf16, device))
+        elif name == "jax-sharded":
+            mode, comm = jax_sharded_mode(f"jax-jit, mesh {args.mesh}", cfg, tcfg, batches, args.mesh, args.bf16)
+            modes.append(mode)
         else:
-            times, n = bench_jax(cfg, tcfg, batches, args.bf16, args.warmup, args.steps)
-        ms = statistics.median(times) * 1e3
+            modes.append(jax_mode(name, cfg, tcfg, batches, args.bf16))
+    print(f"  timing {args.steps} interleaved rounds ...", file=sys.stderr, flush=True)
+    time_interleaved(modes, args.warmup, args.steps)
+    base = next((m for m in modes if m.name == "torch-eager"), None)
+    rows = []
+    for m in modes:
+        ms, cpu_ms = statistics.median(m.wall) * 1e3, statistics.median(m.cpu) * 1e3
         tokens = batch * seq / (ms / 1e3)
-        tflops = tokens * flops_per_token(cfg, seq, n) / 1e12
-        rows.append((mode, f"{ms:.2f}", f"{tokens:,.0f}", f"{tflops:.3f}",
-                     f"{100 * tflops / peak:.1f}%" if peak else "-", f"{n / 1e6:.2f}M"))  # fmt: skip
-    headers = ("mode", "ms/step (median)", "tokens/s", "TFLOP/s", "MFU", "params")
+        tflops = tokens * flops_per_token(cfg, seq, m.n_params) / 1e12
+        ratio = (f"{ms / (statistics.median(base.wall) * 1e3):.2f}x", f"{cpu_ms / (statistics.median(base.cpu) * 1e3):.2f}x") if base else ("-", "-")
+        rows.append((m.name, f"{ms:.2f}", ratio[0], f"{cpu_ms:.2f}", ratio[1], f"{tokens:,.0f}", f"{tflops:.3f}",
+                     f"{100 * tflops / peak:.1f}%" if peak else "-", f"{m.n_params / 1e6:.2f}M"))  # fmt: skip
+    headers = ("mode", "ms/step (median)", "vs eager", "CPU ms/step", "vs eager", "tokens/s", "TFLOP/s", "MFU", "params")
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
     for line in (headers, ["-" * w for w in widths], *rows):
         print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
@@ -245,6 +300,17 @@ def main(argv=None) -> int:
         if jax.devices()[0].platform == "cpu":
             print("(simulated CPU devices share this machine's cores: the ms/step above says nothing about "
                   "sharded speed; the collective bytes are what a real mesh would move)")
+    print(f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after; {args.steps} rounds, modes interleaved",
+          file=sys.stderr)  # fmt: skip
+    if args.profile:
+        from scripts.profile_ops import by_kind
+
+        for m in modes:
+            prof = m.profile(max(3, min(args.steps, 10)))
+            print()
+            print(prof.table(args.top))
+            if m.name == "jax-jit":
+                print("  by kind:  " + ", ".join(f"{k} {100 * share:.0f}%" for k, _, share in by_kind(prof)[:8]))
     return 0
 
 

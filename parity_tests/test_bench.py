@@ -1,0 +1,54 @@
+"""The benchmark's per-op profiles name real ops with their share of the step (no timings asserted:
+speed targets live in scripts/bench_train.py, which prints figures)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch", reason="needs both frameworks")
+pytest.importorskip("flax", reason="needs both frameworks")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from scripts import bench_train
+from scripts.profile_ops import by_kind, hlo_op_names, profile_jax, profile_torch
+
+
+def test_jax_profile_names_the_thunks_of_a_matmul_and_its_backward():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((256, 64)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((64, 32)), jnp.float32)
+    grad = jax.jit(jax.grad(lambda w: jnp.tanh(x @ w).sum()))
+    grad(w).block_until_ready()
+    hlo = grad.lower(w).compile().as_text()
+    names = hlo_op_names(hlo)
+    assert any(v.endswith("dot_general") for v in names.values()), names
+    out = []
+    prof = profile_jax(lambda: out.append(grad(w)), lambda: out[-1].block_until_ready(), hlo, steps=3)
+    assert prof.rows and prof.ops_ms_per_step > 0 and prof.wall_ms_per_step > 0
+    assert abs(sum(r.share for r in prof.rows) - 1.0) < 1e-6
+    assert any(r.what for r in prof.rows)  # thunks matched to the HLO's primitives
+    assert any("matmul" in kind for kind, _, _ in by_kind(prof))
+    assert "ms/step" in prof.table(5)
+
+
+def test_torch_profile_lists_aten_ops():
+    w = torch.randn(64, 32, requires_grad=True)
+    x = torch.randn(256, 64)
+
+    def step():
+        w.grad = None
+        torch.tanh(x @ w).sum().backward()
+
+    prof = profile_torch(step, lambda: None, steps=3)
+    assert any(r.name == "aten::mm" for r in prof.rows)
+    assert abs(sum(r.share for r in prof.rows) - 1.0) < 1e-6
+
+
+def test_bench_interleaves_modes_and_prints_ratios(capsys):
+    assert bench_train.main(["--modes", "torch-eager", "jax-jit", "--steps", "2", "--warmup", "1", "--profile", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "torch-eager" in out and "jax-jit" in out and "1.00x" in out
+    assert "aten::" in out and "by kind:" in out
