@@ -37,7 +37,7 @@ GPT_CFG = SMALL_GPT
 BLOCK_CFG = BlockConfig(d_model=32, n_heads=4, block_size=16)  # the block alone: all 6 intermediates
 TCFG = TRAJECTORY  # 20 AdamW steps, warmup + cosine, clipping
 RESUME_AT = TCFG.steps // 2
-# float32, sharded vs one device and sharded torch vs sharded JAX: issue 8's bound, measured below it
+# float32, sharded vs one device and sharded torch vs sharded JAX: the float32 bound, measured below it
 # (see README "Sharded"). Sharded sums add the same terms in another order (each device reduces its
 # slice, then the all-reduce adds the slices), a float32 rounding difference of ~1e-7 relative.
 SHARDED_TOLERANCE = 1e-5
