@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import pathlib
 import random
 import shutil
 import signal
@@ -330,7 +331,7 @@ def test_fuzz_training_checkpoints(tmp_path, run_folder):
 
 
 def _snapshot(folder) -> dict:
-    return {os.path.join(r, n): open(os.path.join(r, n), "rb").read() if os.path.isfile(os.path.join(r, n)) else None
+    return {os.path.join(r, n): pathlib.Path(r, n).read_bytes() if os.path.isfile(os.path.join(r, n)) else None
             for r, _, names in os.walk(folder) for n in names}  # fmt: skip
 
 

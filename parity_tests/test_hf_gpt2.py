@@ -17,6 +17,7 @@ pytest.importorskip("transformers", reason="transformers is a test extra (pip in
 
 import dataclasses
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -195,7 +196,7 @@ def test_prefixless_file_with_mask_buffers_loads(saved, tmp_path):
         arrays[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
     arrays["lm_head.weight"] = arrays["wte.weight"].copy()
     save_file(arrays, tmp_path / "model.safetensors", metadata)
-    (tmp_path / "config.json").write_text(open(os.path.join(directory, "config.json")).read())
+    shutil.copyfile(os.path.join(directory, "config.json"), tmp_path / "config.json")
     twin = hh.import_into("torch", str(tmp_path), verify=True)
     reference = hh.import_into("jax", directory)
     assert_same(params(twin), params(reference))
@@ -261,7 +262,7 @@ def test_bad_file_reports_every_problem_and_leaves_model_untouched(framework, sa
     arrays["transformer.ln_f.weight"] = arrays["transformer.ln_f.weight"].astype(np.float64)  # dtype
     arrays["transformer.wpe.weight"] = np.full_like(arrays["transformer.wpe.weight"], np.nan)  # non-finite
     save_file(arrays, tmp_path / "model.safetensors", metadata)
-    (tmp_path / "config.json").write_text(open(os.path.join(directory, "config.json")).read())
+    shutil.copyfile(os.path.join(directory, "config.json"), tmp_path / "config.json")
     twin = hh.new_twin(framework, hg.gpt2_config_from_dir(directory))
     before = params(twin)
     with pytest.raises(wc.ConversionError) as info:
@@ -278,7 +279,7 @@ def test_tied_head_that_differs_from_wte_is_refused(saved, tmp_path):
     arrays, metadata = load_file(os.path.join(directory, "model.safetensors"))
     arrays["lm_head.weight"] = arrays["transformer.wte.weight"] + 1.0
     save_file(arrays, tmp_path / "model.safetensors", metadata)
-    (tmp_path / "config.json").write_text(open(os.path.join(directory, "config.json")).read())
+    shutil.copyfile(os.path.join(directory, "config.json"), tmp_path / "config.json")
     with pytest.raises(wc.ConversionError, match="lm_head.weight"):
         hh.import_into("torch", str(tmp_path))
 

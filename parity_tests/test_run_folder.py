@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pathlib
 import shutil
 
 import pytest
@@ -28,7 +29,7 @@ def _main(out, *extra, framework="torch") -> int:
 
 def _snapshot(folder) -> dict:
     return {
-        os.path.relpath(os.path.join(root, n), folder): open(os.path.join(root, n), "rb").read()
+        os.path.relpath(os.path.join(root, n), folder): pathlib.Path(root, n).read_bytes()
         for root, _, names in os.walk(folder) for n in names
     }  # fmt: skip
 
@@ -234,7 +235,7 @@ def test_larger_steps_extends_a_finished_run_and_smaller_is_refused(run, capsys)
     assert _main(run, "--resume", "--quiet", "--sample", "0", "--steps", "6") == 0
     assert "extending the run from 4 to 6 steps" in capsys.readouterr().err
     assert _latest(run)["step"] == 6
-    lines = [json.loads(line) for line in open(run / "log.jsonl")]
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(6))
 
 
@@ -251,7 +252,7 @@ def test_run_stopped_before_its_first_checkpoint_restarts_with_resume(tmp_path, 
     assert _main(out, *FAST, "--steps", "2", "--resume") == 0
     assert "starting over from step 0" in capsys.readouterr().err
     assert not tmp.exists()
-    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [0, 1]
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
 
 
 def test_resume_removes_temporaries_left_by_a_kill(run, capsys):

@@ -28,7 +28,7 @@ import numpy as np
 from twin_common import GPTConfig
 from twin_common.config import RUNTIME_FIELDS, config_differences
 from weight_conversion.hf_gpt2_table import hf_gpt2_table, to_hf, to_twin
-from weight_conversion.safetensors_io import CheckpointError, load_file, to_bytes, write_atomic
+from weight_conversion.safetensors_io import CheckpointError, load_file, save_file, write_atomic
 from weight_conversion.validate import ConversionError, find_problems_by_shape
 
 __all__ = ["export_hf_gpt2", "gpt2_config_from_dir", "gpt2_config_from_hf", "import_hf_gpt2", "hf_config_from_gpt"]
@@ -249,10 +249,9 @@ def export_hf_gpt2(model, directory: str | os.PathLike) -> None:
     cfg_doc = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
     arrays = to_hf(export(model), hf_gpt2_table(model.cfg))
     arrays = {(k if k == "lm_head.weight" else PREFIX + k): v for k, v in arrays.items()}
-    weights = to_bytes(arrays, {"format": "pt"})  # transformers requires format "pt" in the metadata
     directory = os.path.abspath(os.fspath(directory))
     if os.path.isdir(directory):
-        write_atomic(os.path.join(directory, WEIGHTS_FILE), weights)
+        save_file(arrays, os.path.join(directory, WEIGHTS_FILE), {"format": "pt"})  # transformers needs "pt"
         write_atomic(os.path.join(directory, CONFIG_FILE), cfg_doc)
         return
     if os.path.exists(directory):
@@ -261,7 +260,7 @@ def export_hf_gpt2(model, directory: str | os.PathLike) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", suffix=".tmp", dir=parent)
     try:
-        write_atomic(os.path.join(tmp, WEIGHTS_FILE), weights)
+        save_file(arrays, os.path.join(tmp, WEIGHTS_FILE), {"format": "pt"})
         write_atomic(os.path.join(tmp, CONFIG_FILE), cfg_doc)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; give it what mkdir would
         os.rename(tmp, directory)
