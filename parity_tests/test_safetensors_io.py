@@ -289,3 +289,16 @@ def test_training_checkpoint_without_a_content_hash_is_refused(tmp_path):
     safetensors.numpy.save_file(arrays, path, metadata=_metadata())
     with pytest.raises(st_io.CheckpointError, match="no content_hash"):
         load_checkpoint(path, TINY)
+
+
+def test_swapped_moments_are_refused_on_import():
+    """exp_avg (signed) given as exp_avg_sq: the import refuses the negative second moments."""
+    from weight_conversion.optim_state import check_optim_arrays
+
+    _, optim = _train_state()
+    rng = np.random.default_rng(2)
+    signed = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in optim.items()}
+    swapped = {k: signed[k.replace("exp_avg_sq", "exp_avg")] if "exp_avg_sq" in k else v for k, v in optim.items()}
+    check_optim_arrays(TINY, optim)  # control
+    with pytest.raises(ConversionError, match="exp_avg_sq: .* has negative values"):
+        check_optim_arrays(TINY, swapped)

@@ -163,7 +163,10 @@ def _swap_moments(arrays):
 
 @pytest.mark.parametrize("into", ["optax", "torch"])
 def test_swapped_moments_on_import_fail_resume(monkeypatch, into):
-    """exp_avg and exp_avg_sq swapped when the checkpoint is imported: resume parity must fail."""
+    """exp_avg and exp_avg_sq swapped when the checkpoint is imported: resume parity must fail.
+    (The import itself now refuses the negative second moments this makes; that check is bypassed
+    here so the harness's own sensitivity is still tested.)"""
+    monkeypatch.setattr(optim_state, "check_optim_arrays", lambda *args, **kwargs: None)
     if into == "optax":
         real = optim_state.import_optax_state
         patched = lambda cfg, state, arrays, step: real(cfg, state, _swap_moments(arrays), step)  # noqa: E731
@@ -180,6 +183,7 @@ def test_swapped_moments_on_import_fail_resume(monkeypatch, into):
 def test_nan_divergence_shows_in_the_reported_errors(monkeypatch):
     """A resume that turns the weights to NaN must report a non-finite or over-tolerance error,
     not only passed=False (the report prints these numbers next to FAIL)."""
+    monkeypatch.setattr(optim_state, "check_optim_arrays", lambda *args, **kwargs: None)  # see above
     real = optim_state.import_torch_optimizer
     patched = lambda model, opt, arrays, step: real(model, opt, _swap_moments(arrays), step)  # noqa: E731
     monkeypatch.setattr(optim_state, "import_torch_optimizer", patched)
