@@ -50,6 +50,7 @@ def test_a_project_safetensors_file(tmp_path, capsys):
         out, err = capsys.readouterr()
         assert code == 0, err
         assert out.startswith("hi") and err == ""
+    assert torch.is_grad_enabled(), "the script switched autograd off for the whole process"
 
 
 @pytest.mark.parametrize(

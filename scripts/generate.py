@@ -92,12 +92,9 @@ def load_config(kind: str, path: str) -> GPTConfig:
 def load_model(framework: str, kind: str, path: str, cfg: GPTConfig):
     """A twin in eval mode with the checkpoint's weights (every key, shape and value checked)."""
     if framework == "torch":
-        import torch
-
         from torch_impl.gpt import GPT
 
-        model = GPT(cfg)
-        torch.set_grad_enabled(False)
+        model = GPT(cfg)  # generation runs under torch.no_grad (torch_impl.generate.run)
     else:
         from flax import nnx
 
