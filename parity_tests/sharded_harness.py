@@ -391,7 +391,7 @@ def _pickle_free_save(path: str, tree: dict) -> None:
     flat, other = {}, {}
 
     def walk(prefix, node):
-        if isinstance(node, dict):
+        if isinstance(node, dict) and node:  # an empty dict (no collectives) is kept as JSON below
             for k, v in node.items():
                 walk(f"{prefix}{k}|", v)
         elif isinstance(node, np.ndarray):
