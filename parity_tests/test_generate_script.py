@@ -124,3 +124,33 @@ def test_a_gpt2_directory(tmp_path, capsys):
     assert "identical: yes" in out
     code = G.main(["--framework", "torch", "--checkpoint", str(tmp_path), "--prompt", "hello", "--quiet"])
     assert code == 2 and "--prompt-ids" in capsys.readouterr().err  # no tokenizer files in that folder
+
+
+def test_a_gpt2_directory_is_verified_by_default(tmp_path, capsys, monkeypatch):
+    """A k/v swap in the GPT-2 table's split loads without any name or shape error; the CLI's import
+    runs the twin against a float64 reference computed from the file itself and refuses it (exit 2,
+    naming the sublayer), unless --no-verify."""
+    pytest.importorskip("weight_conversion.hf_gpt2", reason="GPT-2 import is not in this checkout yet")
+    import dataclasses
+
+    import weight_conversion.hf_gpt2 as hg
+    import weight_conversion.hf_gpt2_table as ht
+    from torch_impl.gpt import GPT
+
+    cfg = GPTConfig(vocab_size=97, block_size=48, n_layers=1, d_model=32, n_heads=4, gelu_approximate="tanh",
+                    init_std=0.2)  # fmt: skip
+    torch.manual_seed(0)
+    hg.export_hf_gpt2(GPT(cfg), tmp_path)
+    original = ht.hf_gpt2_table
+
+    def swapped(c):
+        return tuple(dataclasses.replace(s, twin_keys=(s.twin_keys[0], s.twin_keys[2], s.twin_keys[1]))
+                     if s.hf_key.endswith("attn.c_attn.weight") else s for s in original(c))  # fmt: skip
+
+    monkeypatch.setattr(hg, "hf_gpt2_table", swapped)
+    argv = ["--framework", "torch", "--checkpoint", str(tmp_path), "--prompt-ids", "5,6,7",
+            "--max-new-tokens", "2", "--temperature", "0", "--quiet"]  # fmt: skip
+    assert G.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "blocks.0.attn" in err, err
+    assert G.main([*argv, "--no-verify"]) == 0

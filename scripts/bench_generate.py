@@ -36,28 +36,6 @@ MODELS = {
 GREEDY = Sampling(temperature=0.0)
 
 
-def hf_state_dict(weights: dict, cfg: GPTConfig) -> dict:
-    """The project's torch-layout arrays as a transformers GPT2LMHeadModel state_dict: q|k|v fused
-    into c_attn, every Linear transposed to Conv1D's (in, out)."""
-    import torch
-
-    sd = {"transformer.wte.weight": weights["wte.weight"], "transformer.wpe.weight": weights["wpe.weight"],
-          "transformer.ln_f.weight": weights["ln_f.weight"], "transformer.ln_f.bias": weights["ln_f.bias"]}  # fmt: skip
-    for i in range(cfg.n_layers):
-        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            for p in ("weight", "bias"):
-                sd[theirs + f"{ln}.{p}"] = weights[ours + f"{ln}.{p}"]
-        qkv = [weights[ours + f"attn.{n}_proj.weight"].T for n in "qkv"]
-        sd[theirs + "attn.c_attn.weight"] = np.concatenate(qkv, axis=1)
-        sd[theirs + "attn.c_attn.bias"] = np.concatenate([weights[ours + f"attn.{n}_proj.bias"] for n in "qkv"])
-        for ours_name, theirs_name in (("attn.out_proj", "attn.c_proj"), ("mlp.fc_in", "mlp.c_fc"), ("mlp.fc_out", "mlp.c_proj")):
-            sd[theirs + theirs_name + ".weight"] = weights[ours + ours_name + ".weight"].T
-            sd[theirs + theirs_name + ".bias"] = weights[ours + ours_name + ".bias"]
-    sd["lm_head.weight"] = weights["wte.weight"]
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
-
-
 def build(cfg: GPTConfig, with_hf: bool):
     import torch
     from flax import nnx
@@ -72,20 +50,16 @@ def build(cfg: GPTConfig, with_hf: bool):
     weights = wc.export(models["torch"])
     wc.import_(models["jax"], weights)
     models["jax"].eval()
-    if with_hf:
-        from transformers import GPT2Config, GPT2LMHeadModel
+    if with_hf:  # the same weights written as a transformers GPT-2 directory, read back by transformers
+        import tempfile
 
-        hf_cfg = GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.d_model, n_layer=cfg.n_layers,
-            n_head=cfg.n_heads, activation_function="gelu_new", layer_norm_epsilon=cfg.ln_eps,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-            bos_token_id=None, eos_token_id=None, pad_token_id=0,
-        )  # fmt: skip
-        hf = GPT2LMHeadModel(hf_cfg).eval()
-        missing, unexpected = hf.load_state_dict(hf_state_dict(weights, cfg), strict=False)
-        if [k for k in missing if not k.endswith("attn.bias")] or unexpected:
-            raise RuntimeError(f"GPT-2 mapping incomplete: missing {missing}, unexpected {unexpected}")
-        models["hf"] = hf
+        from transformers import GPT2LMHeadModel
+
+        from weight_conversion.hf_gpt2 import export_hf_gpt2
+
+        with tempfile.TemporaryDirectory() as folder:
+            export_hf_gpt2(models["torch"], folder)
+            models["hf"] = GPT2LMHeadModel.from_pretrained(folder).eval()
     return models
 
 

@@ -40,7 +40,7 @@ class UsageError(Exception):
 def _is_gpt2_dir(path: str) -> bool:
     return os.path.isdir(path) and all(
         os.path.exists(os.path.join(path, n)) for n in ("config.json", "model.safetensors")
-    )
+    ) or all(os.path.exists(os.path.join(path, n)) for n in ("config.json", "model.safetensors.index.json"))
 
 
 def _hf_gpt2():
@@ -89,8 +89,11 @@ def load_config(kind: str, path: str) -> GPTConfig:
         raise UsageError(f"{path}: the recorded config is not a GPT config ({e})") from None
 
 
-def load_model(framework: str, kind: str, path: str, cfg: GPTConfig):
-    """A twin in eval mode with the checkpoint's weights (every key, shape and value checked)."""
+def load_model(framework: str, kind: str, path: str, cfg: GPTConfig, verify: bool = True):
+    """A twin in eval mode with the checkpoint's weights (every key, shape and value checked). A
+    transformers GPT-2 directory is also verified (unless ``verify`` is False): the twin is run
+    against a float64 NumPy GPT-2 computed straight from the file's arrays, which catches what names
+    and shapes cannot (a swapped q/k/v split, a missed transpose of a square matrix)."""
     if framework == "torch":
         from torch_impl.gpt import GPT
 
@@ -104,7 +107,7 @@ def load_model(framework: str, kind: str, path: str, cfg: GPTConfig):
     import weight_conversion as wc
 
     if kind == "gpt2":
-        _hf_gpt2().import_hf_gpt2(model, path)
+        _hf_gpt2().import_hf_gpt2(model, path, verify=verify)
     elif kind == "train":
         from weight_conversion.checkpoint import load_checkpoint
 
@@ -207,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-len", type=int, help="KV cache slots (default: the model's block_size)")
     p.add_argument("--compile", metavar="MODE", help='torch: torch.compile the step with this mode, e.g. '
                    '"default" or "reduce-overhead" (CUDA graphs); JAX is always jitted')  # fmt: skip
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="GPT-2 directory: skip running the imported twin against a float64 reference of the file")
     p.add_argument("--quiet", action="store_true", help="no progress or timing on stderr")
     return p
 
@@ -225,7 +230,7 @@ def main(argv=None) -> int:
         results = {}
         with matched_precision():
             for fw in frameworks:
-                model = load_model(fw, kind, path, cfg)
+                model = load_model(fw, kind, path, cfg, verify=args.verify)
                 results[fw] = generate_with(fw, model, prompts, args, sampling, record=args.framework == "compare")
     except (UsageError, ValueError, OSError) as e:  # ConversionError / CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
