@@ -493,7 +493,7 @@ PITFALLS: tuple[Pitfall, ...] = (
         "gelu-approximate", "GELU approximation",
         "jax.nn.gelu defaults to approximate=True (tanh), torch nn.GELU to approximate='none' (exact erf).",
         "BlockConfig.gelu_approximate = 'none' feeds nn.GELU(approximate=...) in torch_impl/block.py "
-        "and functools.partial(jax.nn.gelu, approximate=...) in jax_impl/block.py.",
+        "and, in jax_impl/block.py, exact_gelu (torch's erf formula) or jax.nn.gelu(approximate=True).",
         check_gelu_approximate,
     ),
     Pitfall(
