@@ -32,11 +32,12 @@ def test_report_runs_the_flax_checks_without_torch(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["meta"]["versions"]["torch"] is None and "torch" in doc["meta"]["missing_frameworks"]
     ran = {(r["check"], r["direction"]) for r in doc["results"]}
-    assert ran == {("golden", "golden->jax")}
+    assert ran == {("golden", "golden->jax"), ("kv_cache", "jax: cached vs uncached")}
     skipped = {s["check"] for s in doc["skipped"]}
-    assert skipped == {"forward", "attn_fused_vs_math", "golden", "roundtrip"}  # the torch twin's golden
+    # the torch twin's golden and kv_cache rows, and every row that needs both twins
+    assert skipped == {"forward", "attn_fused_vs_math", "golden", "roundtrip", "kv_cache"}
     assert all("torch is not installed" in s["reason"] for s in doc["skipped"])
-    assert "1 passed, 0 failed, 6 skipped" in proc.stdout and "torch is not installed" in proc.stdout
+    assert "2 passed, 0 failed, 7 skipped" in proc.stdout and "torch is not installed" in proc.stdout
 
 
 @pytest.mark.skipif(not HAVE_JAX, reason="jax/flax are not installed")
