@@ -71,7 +71,9 @@ class CausalSelfAttention(nnx.Module):
         # (flax >= 0.12), and a KVCache could not be attached later. torch has no such distinction.
         self.kv_cache: KVCache | None = nnx.data(None)  # set by GPT.setup_cache for generation
 
-    def __call__(self, x: jax.Array, t: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, t: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> jax.Array:
         """Without ``t``: causal attention over x. With ``t`` (cache slot of x's first token) and
         ``mask`` (B, 1, T, L), True = may attend: x's keys and values are written into the cache
         at slots t..t+T-1 and x attends to the whole cache."""
@@ -98,7 +100,9 @@ class CausalSelfAttention(nnx.Module):
         y = y.reshape(B, T, -1)  # (B, T, C), or its local C / model features
         return self.resid_dropout(self.out_proj(y))
 
-    def math_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def math_attention(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+    ) -> jax.Array:
         """The readable reference: softmax(q k^T / sqrt(hs) + mask) v, softmax in >= float32.
         ``mask`` (True = may attend) defaults to the causal one."""
         T, S = q.shape[1], k.shape[1]

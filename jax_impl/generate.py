@@ -62,7 +62,9 @@ def sample(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "greedy", "top_k", "use_top_p"), donate_argnames=("cache",)
+    jax.jit,
+    static_argnames=("graphdef", "greedy", "top_k", "use_top_p"),
+    donate_argnames=("cache",),
 )
 def step(
     graphdef, params, cache, rest, idx, t, start, last, u, temperature, top_p,

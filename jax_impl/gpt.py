@@ -88,7 +88,9 @@ class GPT(nnx.Module):
         for block in self.blocks:
             block.attn.kv_cache = None
 
-    def cached_step(self, idx: jax.Array, t: jax.Array, start: jax.Array, last: jax.Array) -> jax.Array:
+    def cached_step(
+        self, idx: jax.Array, t: jax.Array, start: jax.Array, last: jax.Array
+    ) -> jax.Array:
         """Logits (B, V) of column ``last`` of idx (B, T), whose tokens go into cache slots
         t..t+T-1. ``start`` (B,): slot of each row's first real token (left padding; see
         twin_common.generation). t, start, last are traced: one compilation for all steps.
@@ -100,7 +102,8 @@ class GPT(nnx.Module):
         keys = jnp.arange(L)  # (L,) cache slot of each key
         # query at slot q sees keys start[b] <= s <= q; a padding query sees itself only (an
         # all-masked row would give NaN, and NaN * 0 would leak into the real rows' outputs)
-        mask = (keys <= slots[:, None]) & ((keys >= start[:, None, None]) | (keys == slots[:, None]))  # (B, T, L)
+        mask = (keys <= slots[:, None]) & ((keys >= start[:, None, None]) | (keys == slots[:, None]))
+        # mask: (B, T, L)
         x = (self.wte(idx) + self.wpe(pos)).astype(self.wte.embedding[...].dtype)  # see __call__
         x = self.drop(x)  # (B, T, C)
         for block in self.blocks:

@@ -52,7 +52,9 @@ class CausalSelfAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(cfg.d_head)  # pinned, not left to SDPA's default
         self.kv_cache: KVCache | None = None  # set by GPT.setup_cache for generation
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Without ``t``: causal attention over x. With ``t`` (cache slot of x's first token) and
         ``mask`` (B, 1, T, L), True = may attend: x's keys and values are written into the cache
         at slots t..t+T-1 and x attends to the whole cache."""
@@ -68,7 +70,7 @@ class CausalSelfAttention(nn.Module):
         if self.cfg.attn_impl == "fused":
             y = F.scaled_dot_product_attention(
                 q, k, v,
-                attn_mask=mask,  # None, or bool with True = attend (nn.MultiheadAttention: the opposite)
+                attn_mask=mask,  # None, or True = attend (nn.MultiheadAttention: the opposite)
                 dropout_p=self.attn_dropout.p if self.training else 0.0,
                 is_causal=mask is None,  # causal without building a mask
                 scale=self.scale,
@@ -78,7 +80,9 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, C), or its local C / model features
         return self.resid_dropout(self.out_proj(y))
 
-    def math_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def math_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The readable reference: softmax(q k^T / sqrt(hs) + mask) v, softmax in >= float32.
         ``mask`` (True = may attend) defaults to the causal one."""
         T, S = q.shape[-2], k.shape[-2]
@@ -103,7 +107,9 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nh, T, hs) at slots t..t+T-1 (t a 0-d tensor: no host sync, no recompile
         per position) and return the whole cache."""
         slots = t + torch.arange(k.shape[2], device=k.device)  # (T,)

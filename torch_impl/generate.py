@@ -62,9 +62,11 @@ def step(
     u: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     *, greedy: bool, top_k: int, use_top_p: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """One prefill (idx (B, T_bucket)) or decode (idx (B, 1)) step: (next tokens (B,), logits (B, V))."""
+    """One prefill (idx (B, T_bucket)) or decode (idx (B, 1)) step:
+    (next tokens (B,), logits (B, V))."""
     logits = model.cached_step(idx, t, start, last)
-    return sample(logits, u, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p), logits
+    token = sample(logits, u, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+    return token, logits
 
 
 _COMPILED: dict[str, object] = {}

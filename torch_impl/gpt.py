@@ -77,7 +77,9 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = None
 
-    def cached_step(self, idx: torch.Tensor, t: torch.Tensor, start: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    def cached_step(
+        self, idx: torch.Tensor, t: torch.Tensor, start: torch.Tensor, last: torch.Tensor
+    ) -> torch.Tensor:
         """Logits (B, V) of column ``last`` of idx (B, T), whose tokens go into cache slots
         t..t+T-1. ``start`` (B,): slot of each row's first real token (left padding; see
         twin_common.generation). t, start, last are tensors: no host sync, one graph for all steps.
@@ -89,7 +91,8 @@ class GPT(nn.Module):
         keys = torch.arange(L, device=idx.device)  # (L,) cache slot of each key
         # query at slot q sees keys start[b] <= s <= q; a padding query sees itself only (an
         # all-masked row would give NaN, and NaN * 0 would leak into the real rows' outputs)
-        mask = (keys <= slots[:, None]) & ((keys >= start[:, None, None]) | (keys == slots[:, None]))  # (B, T, L)
+        mask = (keys <= slots[:, None]) & ((keys >= start[:, None, None]) | (keys == slots[:, None]))
+        # mask: (B, T, L)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x, t=t, mask=mask[:, None])  # mask (B, 1, T, L): the same for every head

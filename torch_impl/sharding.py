@@ -77,9 +77,12 @@ def tp_plan(cfg) -> dict[str, ColwiseParallel | RowwiseParallel]:
     for spec in table_for(cfg):
         module, _, name = spec.torch_key.rpartition(".")
         if name == "bias" and module in plan:
-            expected = Split.OUT_FEATURES if isinstance(plan[module], ColwiseParallel) else Split.REPLICATED
+            colwise = isinstance(plan[module], ColwiseParallel)
+            expected = Split.OUT_FEATURES if colwise else Split.REPLICATED
             if spec.split is not expected:
-                raise AssertionError(f"{spec.torch_key}: the table says {spec.split}, {type(plan[module]).__name__} does {expected}")
+                style = type(plan[module]).__name__
+                raise AssertionError(f"{spec.torch_key}: the table says {spec.split}, {style} "
+                                     f"does {expected}")
     return plan
 
 
@@ -153,12 +156,14 @@ class ShardedTrainer(Trainer):
             return self._mean_over_data(loss), norm
         except RuntimeError as e:
             # gloo / NCCL: a peer closed its connection, or a collective timed out. DTensor's async
-            # collectives surface it as a plain RuntimeError from wait_tensor, so match the text too.
-            if not isinstance(e, dist.DistError) and not any(w in str(e) for w in _COMM_FAILURE_WORDS):
+            # collectives surface it as a plain RuntimeError from wait_tensor: match the text too.
+            lost_peer = any(w in str(e) for w in _COMM_FAILURE_WORDS)
+            if not isinstance(e, dist.DistError) and not lost_peer:
                 raise
             raise PeerFailure(
-                f"rank {dist.get_rank()}: a collective failed at step {self.step_count}; another process "
-                f"of this job has probably died or hung (collective timeout {self.timeout_s:.0f} s). "
+                f"rank {dist.get_rank()}: a collective failed at step {self.step_count}; another "
+                f"process of this job has probably died or hung (collective timeout "
+                f"{self.timeout_s:.0f} s). "
                 f"Resume from the last checkpoint. ({type(e).__name__}: {str(e).splitlines()[0]})"
             ) from None
 

@@ -105,23 +105,25 @@ def block_table(
     """
     C, H = cfg.d_model, cfg.d_hidden
     rows = (
-        # torch key              Flax path                        transform  torch shape  split over `model`
+        # split over `model`: OUT keeps whole heads per device; IN leaves partial sums that one
+        # all-reduce completes, so that layer's bias is REP (added once, after the all-reduce).
+        # torch key              Flax path                        transform  torch shape  split
         ("ln_1.weight",          ("ln_1", "scale"),               ID,        (C,),        REP),
         ("ln_1.bias",            ("ln_1", "bias"),                ID,        (C,),        REP),
-        ("attn.q_proj.weight",   ("attn", "q_proj", "kernel"),    T,         (C, C),      OUT),  # whole heads
+        ("attn.q_proj.weight",   ("attn", "q_proj", "kernel"),    T,         (C, C),      OUT),
         ("attn.q_proj.bias",     ("attn", "q_proj", "bias"),      ID,        (C,),        OUT),
         ("attn.k_proj.weight",   ("attn", "k_proj", "kernel"),    T,         (C, C),      OUT),
         ("attn.k_proj.bias",     ("attn", "k_proj", "bias"),      ID,        (C,),        OUT),
         ("attn.v_proj.weight",   ("attn", "v_proj", "kernel"),    T,         (C, C),      OUT),
         ("attn.v_proj.bias",     ("attn", "v_proj", "bias"),      ID,        (C,),        OUT),
-        ("attn.out_proj.weight", ("attn", "out_proj", "kernel"),  T,         (C, C),      IN),   # all-reduce
-        ("attn.out_proj.bias",   ("attn", "out_proj", "bias"),    ID,        (C,),        REP),  # added once
+        ("attn.out_proj.weight", ("attn", "out_proj", "kernel"),  T,         (C, C),      IN),
+        ("attn.out_proj.bias",   ("attn", "out_proj", "bias"),    ID,        (C,),        REP),
         ("ln_2.weight",          ("ln_2", "scale"),               ID,        (C,),        REP),
         ("ln_2.bias",            ("ln_2", "bias"),                ID,        (C,),        REP),
         ("mlp.fc_in.weight",     ("mlp", "fc_in", "kernel"),      T,         (H, C),      OUT),
         ("mlp.fc_in.bias",       ("mlp", "fc_in", "bias"),        ID,        (H,),        OUT),
-        ("mlp.fc_out.weight",    ("mlp", "fc_out", "kernel"),     T,         (C, H),      IN),   # all-reduce
-        ("mlp.fc_out.bias",      ("mlp", "fc_out", "bias"),       ID,        (C,),        REP),  # added once
+        ("mlp.fc_out.weight",    ("mlp", "fc_out", "kernel"),     T,         (C, H),      IN),
+        ("mlp.fc_out.bias",      ("mlp", "fc_out", "bias"),       ID,        (C,),        REP),
     )  # fmt: skip
     return tuple(
         ParamSpec(torch_prefix + key, tuple(flax_prefix) + path, transform, shape, split)
