@@ -73,7 +73,7 @@ def test_run_folders_are_ignored():
 
 
 # Text written for the people building the project, not for its users.
-TEAM_ONLY = re.compile(r"ANCHORS\.md|\.\./shared/|\bissue \d|\bthis session\b|\bthe team\b", re.I)
+TEAM_ONLY = re.compile(r"ANCHORS\.md|\.\./shared/|\bissue \d|\bthis\s+session\b|\bthe team\b", re.I)
 
 
 def test_no_team_only_text_in_the_product():
