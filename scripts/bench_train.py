@@ -81,15 +81,27 @@ def torch_mode(name, cfg, tcfg, batches, compile_: bool, bf16: bool, device: str
 
 
 def jax_mode(name, cfg, tcfg, batches, bf16: bool) -> Mode:
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from jax_impl.gpt import GPT
     from jax_impl.train import Trainer
-    from scripts.profile_ops import profile_jax
 
     trainer = Trainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg, bf16=bf16)
+
+    def hlo() -> str:
+        x, y = (jnp.asarray(a, jnp.int32) for a in batches[0])
+        return trainer._train_step.lower(trainer.params, trainer.opt_state, trainer.rest, x, y).compile().as_text()
+
+    return trainer_mode(name, trainer, batches, hlo)
+
+
+def trainer_mode(name, trainer, batches, hlo) -> Mode:
+    """A Mode around a JAX Trainer (plain or sharded); ``hlo()``: its compiled step's text."""
+    import jax
+
+    from scripts.profile_ops import profile_jax
+
     it = itertools.count()
     last = []
 
@@ -100,13 +112,8 @@ def jax_mode(name, cfg, tcfg, batches, bf16: bool) -> Mode:
         if last:
             jax.block_until_ready(last[0])
 
-    def profile(steps: int):
-        x, y = (jnp.asarray(a, jnp.int32) for a in batches[0])
-        hlo = trainer._train_step.lower(trainer.params, trainer.opt_state, trainer.rest, x, y).compile().as_text()
-        return profile_jax(step, sync, hlo, steps)
-
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(trainer.params))
-    return Mode(name, step, sync, n_params, profile)
+    return Mode(name, step, sync, n_params, lambda steps: profile_jax(step, sync, hlo(), steps))
 
 
 def time_interleaved(modes: list[Mode], warmup: int, rounds: int) -> None:
@@ -126,7 +133,6 @@ def time_interleaved(modes: list[Mode], warmup: int, rounds: int) -> None:
 
 def jax_sharded_mode(name, cfg, tcfg, batches, mesh_text: str, bf16: bool) -> tuple[Mode, list]:
     """JAX ShardedTrainer on --mesh, and the collectives of its compiled step."""
-    import jax
     from flax import nnx
 
     from jax_impl import sharding as S
@@ -139,23 +145,7 @@ def jax_sharded_mode(name, cfg, tcfg, batches, mesh_text: str, bf16: bool) -> tu
     x, y = batches[0]
     hlo = trainer._train_step.lower(trainer.params, trainer.opt_state, trainer.rest, trainer._batch(x),
                                     trainer._batch(y)).compile().as_text()  # fmt: skip
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(trainer.params))
-    it = itertools.count()
-    last = []
-
-    def step():
-        last[:] = [trainer.step(*batches[next(it) % len(batches)])[0]]
-
-    def sync():
-        if last:
-            jax.block_until_ready(last[0])
-
-    def profile(steps: int):
-        from scripts.profile_ops import profile_jax
-
-        return profile_jax(step, sync, hlo, steps)
-
-    return Mode(name, step, sync, n_params, profile), collective_bytes(hlo, mesh, cfg, tcfg, shape)
+    return trainer_mode(name, trainer, batches, lambda: hlo), collective_bytes(hlo, mesh, cfg, tcfg, shape)
 
 
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "s32": 4, "u32": 4, "pred": 1}
