@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jax_impl.gpt import GPT
-from twin_common.generation import Generation, Sampling, Uniforms, check_request, layout
+from twin_common.generation import Generation, Sampling, Uniforms, check_request, checked_tokens, layout
 
 TOP_P_HALVINGS = 32  # bisection steps for the top-p threshold: [0, max p] to max p * 2^-32
 
@@ -116,7 +116,7 @@ def run(
             draws.append(uniforms.next(B))
             token, logits, cache = step(graphdef, params, cache, rest, idx, t, start, last,
                                         jnp.asarray(draws[-1]), temperature, top_p, **modes)  # fmt: skip
-            new = np.asarray(token).tolist()  # the one host sync per step, after the step
+            new = checked_tokens(np.asarray(token).tolist(), i)  # the one host sync per step, after the step
             if record_logits:
                 logits_seen.append(np.asarray(logits))
             if i == 0:

@@ -247,3 +247,18 @@ def test_the_trainers_sample_past_block_size_matches_across_frameworks(pair):
         b = jax_generate(pair["jax"], [1, 2, 3], 70, temperature=0.8, seed=5)
     assert len(a) == 73 and a == b
     assert all(block.attn.kv_cache is not None for block in pair["torch"].blocks)  # kept for reuse
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_a_step_with_no_token_left_is_refused_not_returned_as_minus_one(framework):
+    """Non-finite logits leave no token with a positive probability: ``sample`` gives -1 there, and
+    ``run`` must say so at that step instead of feeding -1 to the embedding at the next."""
+    model = (th.new_torch_gpt if framework == "torch" else th.new_flax_gpt)(TINY, "float32", 0)
+    weights = wc.export(model)
+    weights["ln_f.weight"] = np.full_like(weights["ln_f.weight"], np.nan)  # every logit NaN
+    if framework == "torch":
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+    else:
+        model.ln_f.scale.set_value(jnp.asarray(weights["ln_f.weight"]))
+    with matched_precision(), pytest.raises(ValueError, match=r"step 0: no token of row\(s\) \[0\] .* not finite"):
+        RUNS[framework](model, [[1, 2]], 4, Sampling(temperature=0.8, top_k=5))

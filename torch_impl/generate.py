@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from torch_impl.gpt import GPT
-from twin_common.generation import Generation, Sampling, Uniforms, check_request, layout
+from twin_common.generation import Generation, Sampling, Uniforms, check_request, checked_tokens, layout
 
 TOP_P_HALVINGS = 32  # bisection steps for the top-p threshold: [0, max p] to max p * 2^-32
 
@@ -117,7 +117,7 @@ def run(
         draws.append(uniforms.next(B))
         u = torch.as_tensor(draws[-1], device=device)
         token, logits = fn(model, idx, t, start, last, u, temperature, top_p, **modes)
-        new = token.tolist()  # the one host sync per step, after the step
+        new = checked_tokens(token.tolist(), i)  # the one host sync per step, after the step
         if record_logits:
             logits_seen.append(logits.cpu().numpy())
         if i == 0:

@@ -154,6 +154,20 @@ class Uniforms:
         return self.rng.random(batch, dtype=np.float32)
 
 
+def checked_tokens(new: list[int], step: int) -> list[int]:
+    """The ids one step sampled, refused if a row got -1: ``sample`` returns -1 where the filters
+    left no token with a positive probability, which happens only when the logits are not finite
+    (NaN or inf: softmax gives NaN everywhere). Without this check the -1 would index the embedding
+    at the next step and fail there, far from the cause."""
+    bad = [b for b, token in enumerate(new) if token < 0]
+    if bad:
+        raise ValueError(
+            f"generation step {step}: no token of row(s) {bad} has a positive probability after the "
+            f"temperature, top-k and top-p filters; the model's logits are not finite (NaN or inf)"
+        )
+    return new
+
+
 # ------------------------------------------------------------------------- undecidable tokens
 
 LOGIT_TOL = tolerance_for("float32").atol  # the twins' float32 logits may differ by this much
