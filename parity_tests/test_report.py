@@ -97,3 +97,31 @@ def test_table_names_the_failing_intermediate_when_the_output_is_within_toleranc
         assert out_err <= tolerance and cells[10] == "FAIL"
         err, bound = float(cells[12]), float(cells[14])
         assert cells[11] == "ln_1:" and err > bound == tolerance, row
+
+
+@needs_both
+def test_a_crashed_worker_shows_its_cause_and_the_row_that_depends_on_it_says_so(monkeypatch, tmp_path, capsys):
+    """The torch 2x2 worker dies on a plan error: its row shows the error's last line (the cause,
+    not the traceback's first), and the torch-vs-JAX row, which compares its results, names it."""
+    from parity_tests import sharded_harness as sh
+    from scripts import parity_report
+
+    cause = "ValueError: blocks.0.attn.v_proj.bias: the table says OUT, RowwiseParallel does REPLICATED"
+    stderr = f"Traceback (most recent call last):\n  File \"sharding.py\", line 1, in plan\n    raise ValueError\n{cause}\n"
+    real = sh.run_worker
+
+    def run_worker(framework, out, init, *args, **kwargs):
+        if framework == "torch" and "2x2" in args:  # the real launcher, on a process that failed
+            monkeypatch.setattr(sh.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr))
+            return real(framework, out, init, *args, **kwargs)
+        return {"results": [], "runs": {}}
+
+    monkeypatch.setattr(sh, "run_worker", run_worker)
+    monkeypatch.setattr(sh, "write_init", lambda path: None)
+    assert parity_report.main(["--quiet", "--only", "sharded", "--dtypes", "float32"]) == 1
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sharded")]
+    assert len(rows) == 2, rows
+    assert rows[0].endswith(f"error: RuntimeError: torch worker failed (exit 1): ... {cause}"), rows[0]
+    assert "KeyError" not in rows[1]
+    assert rows[1].endswith("error: DependencyFailed: not run: it compares the results of sharded torch 2x2, "
+                            "which failed above"), rows[1]  # fmt: skip

@@ -12,6 +12,7 @@ import dataclasses
 import json
 
 import jax
+import numpy as np
 import pytest
 
 import jax_impl.block as jb
@@ -132,3 +133,49 @@ def test_bf16_softmax_bug_is_not_seen_at_the_attention_output(name):
     framework, bug = BF16_BUGS[name]
     with bug():
         assert not all(r.passed for r in _one_twin_bf16_rows(framework))
+
+
+# ------------------------------------------------------------------------------------ locators
+
+
+def _cache_slot_stuck_after_second_decode_step(monkeypatch):
+    """A KV cache whose write slot stops advancing after the second decode step (torch twin): every
+    later step overwrites that slot."""
+    import torch
+
+    import torch_impl.block as tb
+
+    honest = tb.KVCache.update
+
+    def update(self, k, v, t):
+        if k.shape[2] == 1:  # a decode step
+            first = self.__dict__.setdefault("first_decode_slot", int(t))
+            t = torch.clamp(t, max=first + 1)
+        return honest(self, k, v, t)
+
+    monkeypatch.setattr(tb.KVCache, "update", update)
+
+
+def test_kv_cache_row_names_the_first_position_over_its_bound(monkeypatch):
+    """Decode step 3 is the first to read the stuck slot: row 0 (prompt length 5) at position 7,
+    not the worst position near the end of the block."""
+    from parity_tests import generate_harness as gh
+
+    _cache_slot_stuck_after_second_decode_step(monkeypatch)
+    r = gh.kv_cache_check("torch", "float64")
+    assert not r.passed
+    assert r.first_divergence == "row 0 position 7", r.divergence_detail
+    assert "decode step 3; rule: the first position over the bound" in r.divergence_detail
+
+
+def test_grad_row_says_all_parameters_when_every_gradient_is_scaled(monkeypatch):
+    """A data-parallel gradient summed over two replicas instead of averaged: every gradient x2."""
+    from parity_tests import train_harness as th
+
+    honest = th._flax_grads
+    monkeypatch.setattr(th, "_flax_grads", lambda *a: {k: 2 * v for k, v in honest(*a).items()})
+    r = th.grad_check("gpt", "float32", "torch->jax")
+    assert not r.passed and r.first_divergence == "all parameters", r.divergence_detail
+    assert r.divergence_detail.startswith("all parameters x2 ")
+    one = th.worst_offender({"a": np.ones(3), "b": np.ones(2)}, {"a": 2 * np.ones(3), "b": np.ones(2)}, lambda _: 1e-5)
+    assert one[0] == "a"  # one array off: that array, not "all parameters"

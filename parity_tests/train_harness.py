@@ -216,6 +216,22 @@ def _worst(values) -> float:
     return worst
 
 
+def uniform_ratio(ref: dict, got: dict, bound) -> float | None:
+    """c if ``got`` is ``c * ref`` for every array (each within ``bound`` once scaled) while ``ref``
+    itself is not within it, else None. A data-parallel gradient summed instead of averaged, or a
+    loss scaled twice, multiplies every gradient by one factor: blaming one key would mislead."""
+    a = np.concatenate([np.asarray(v, np.float64).ravel() for v in ref.values()])
+    b = np.concatenate([np.asarray(got[k], np.float64).ravel() for k in ref])
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))) or not np.any(a):
+        return None
+    c = float(a @ b / (a @ a))  # least squares
+    scaled_ok = all(np.max(np.abs(c * np.asarray(v, np.float64) - np.asarray(got[k], np.float64)), initial=0.0)
+                    <= bound(np.asarray(v, np.float64)) for k, v in ref.items())  # fmt: skip
+    unscaled_ok = all(np.max(np.abs(np.asarray(v, np.float64) - np.asarray(got[k], np.float64)), initial=0.0)
+                      <= bound(np.asarray(v, np.float64)) for k, v in ref.items())  # fmt: skip
+    return c if scaled_ok and not unscaled_ok else None
+
+
 def worst_offender(ref: dict, got: dict, bound) -> tuple[str | None, str | None]:
     """(name, detail) of the parameter to blame, or (None, None) if every one is within its bound.
 
@@ -223,6 +239,9 @@ def worst_offender(ref: dict, got: dict, bound) -> tuple[str | None, str | None]
     largest relative error max|a - b| / max|a|. A bug in one parameter (its conversion, its optimizer
     state) reaches every gradient and every later update, so the first key over its bound in table
     order (the embedding, the input) is rarely where the cause is; the largest relative error is."""
+    ratio = uniform_ratio(ref, got, bound)
+    if ratio is not None:  # one cause scaled everything (a gradient averaged over the wrong count)
+        return "all parameters", f"all parameters x{ratio:.3g} (every array within its bound once scaled)"
     name, rel_worst, detail = None, -1.0, None
     for key, a in ref.items():
         a, b = a.astype(np.float64), got[key].astype(np.float64)

@@ -128,6 +128,10 @@ def sharded_plan():
         return docs[mesh]["results"]
 
     def cross():
+        failed = [label for key, label in (("2x2", "sharded torch 2x2"), ("jax", "sharded jax")) if key not in docs]
+        if failed:  # compares their results: there is nothing to compare
+            tmp.cleanup()
+            raise DependencyFailed(f"not run: it compares the results of {' and '.join(failed)}, which failed above")
         rows = [sh.cross_framework(docs["2x2"], docs["jax"])]
         tmp.cleanup()
         return rows
@@ -193,6 +197,10 @@ def plan(dtypes, heads, torch_devices, jax_devices):
                           lambda f=framework, d=dtype: gh.kv_cache_check(f, d))
 
 
+class DependencyFailed(RuntimeError):
+    """A row that compares the results of rows that failed: it names them instead of a KeyError."""
+
+
 def error_result(item: Planned, error: BaseException) -> h.Result:
     """A check that raised is a failed row carrying the error; the rest of the report still runs."""
     message = f"{type(error).__name__}: {error}".strip()
@@ -236,9 +244,12 @@ def metadata(torch_devices, jax_devices, elapsed: float, missing: dict) -> dict:
 
 
 def _divergence_cell(r: h.Result) -> str:
-    if r.error is not None:
-        one_line = " ".join(line.strip() for line in r.error.splitlines())  # the JSON has it in full
-        return "error: " + (one_line if len(one_line) <= 120 else one_line[:117] + "...")
+    if r.error is not None:  # the JSON has it in full
+        lines = [line.strip() for line in r.error.splitlines() if line.strip()]
+        # A worker's error carries its traceback: the cause is its last line, not the first.
+        cause = lines[-1][:160]
+        head = "" if len(lines) == 1 else lines[0].rstrip(":")[: max(20, 200 - len(cause))] + ": ... "
+        return f"error: {head}{cause}"
     return r.divergence_detail or r.first_divergence or "-"
 
 
@@ -270,6 +281,8 @@ def main(argv=None) -> int:
                         help="forward, attention, golden, roundtrip and kv_cache checks only (no training, no generate rows)")
     parser.add_argument("--skip-sharded", action="store_true",
                         help="leave out the sharded rows (subprocesses with simulated devices, ~1-3 min)")
+    parser.add_argument("--only", nargs="+", metavar="CHECK",
+                        help="run only these checks (names as in the table's first column; 'sharded' for all sharded rows)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     bad_heads = [n for n in args.heads if n < 1 or 128 % n]
@@ -285,6 +298,12 @@ def main(argv=None) -> int:
     if not args.skip_training:
         planned += list(training_plan(args.dtypes))
     planned += list(hf_plan(args.dtypes))
+    if args.only:
+        known = sorted({p.check for p in planned} | {"sharded"})
+        unknown = [c for c in args.only if c not in known]
+        if unknown:
+            parser.error(f"--only: no check named {unknown} with these options; known: {', '.join(known)}")
+        planned = [p for p in planned if p.check in args.only]
     why = lambda p: "; ".join(missing[f] for f in p.needs if f in missing)  # noqa: E731
     checks = [p for p in planned if not why(p)]
     skipped = [p for p in planned if why(p)]
@@ -294,6 +313,8 @@ def main(argv=None) -> int:
         skipped_sharded = "they need both frameworks"
     else:
         skipped_sharded = sharded_unavailable()
+    if args.only and "sharded" not in args.only:
+        skipped_sharded = "--only"
     if skipped_sharded is None and "float32" in args.dtypes:
         checks += list(sharded_plan())
     elif not args.quiet and "float32" in args.dtypes:
