@@ -21,7 +21,9 @@ import weight_conversion as wc
 from twin_common import BlockConfig
 from twin_common.precision import matched_precision
 from twin_common.reference import block_forward, block_sublayers, cross_entropy
-from twin_common.tolerances import BF16_SUBLAYER_ULPS, LOSS_REL_TOLERANCE, ROUNDTRIP_TOLERANCE, tolerance_for
+from twin_common.tolerances import (
+    BF16_SOFTMAX_ULPS, BF16_SUBLAYER_ULPS, LOSS_REL_TOLERANCE, ROUNDTRIP_TOLERANCE, tolerance_for,
+)
 
 INTERMEDIATES = ("ln_1", "attn", "resid_1", "ln_2", "mlp", "out")
 DIRECTIONS = ("torch->jax", "jax->torch")
@@ -415,6 +417,61 @@ def bf16_sublayer_check(framework: str, cfg: BlockConfig, device=None, seed: int
         "sublayers_vs_f64", list(LESSON_SHAPE), "bfloat16", *names, f"{framework}:{cfg.attn_impl}",
         out_err, out_err / peak, BF16_SUBLAYER_ULPS["out"] * _bf16_ulp(peak), first is None, first, detail,
         config=_config_summary(cfg),
+    )  # fmt: skip
+
+
+def softmax_check(framework: str, seed: int = 0) -> Result:
+    """One twin's bfloat16 math-path attention probabilities against a float64 softmax, element by
+    element. At the attention output a softmax computed in bfloat16 hides under the output's own
+    rounding (0.52 -> 0.57 ulps); its probabilities cannot hide: with exact scores (entries of q and
+    k in {-1, 0, 1}, head size 64, so every score is a multiple of 1/8 that bfloat16 holds exactly)
+    and v the identity, ``math_attention`` returns the probabilities themselves (each output is one
+    product p * 1, exact), and a float32 softmax rounded once is within half an ulp of float64."""
+    import ml_dtypes
+
+    B, T = 4, 64
+    cfg = BlockConfig(d_model=T, n_heads=1, block_size=T, attn_impl="math")  # head size T: v = identity
+    rng = np.random.default_rng(seed)
+    q, k = (rng.integers(-1, 2, (B, T, T)).astype(ml_dtypes.bfloat16) for _ in range(2))  # (B, T, hs)
+    scores = q.astype(np.float64) @ k.astype(np.float64).transpose(0, 2, 1) / math.sqrt(T)
+    scores = np.where(np.tri(T, dtype=bool), scores, -np.inf)
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    truth = e / e.sum(-1, keepdims=True)  # (B, T, S)
+    if framework == "torch":
+        import torch
+
+        from torch_impl.block import CausalSelfAttention
+        from weight_conversion.torch_side import numpy_to_tensor, tensor_to_numpy
+
+        attn = CausalSelfAttention(cfg).eval()
+        eye = torch.eye(T, dtype=torch.bfloat16).expand(B, 1, T, T)  # (B, nh, S, hs)
+        with torch.no_grad():  # torch's layout (B, nh, T, hs)
+            got = tensor_to_numpy(attn.math_attention(numpy_to_tensor(q[:, None]), numpy_to_tensor(k[:, None]), eye))[:, 0]
+        names = ("cpu", None)
+    else:
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from jax_impl.block import CausalSelfAttention
+
+        with jax.default_device(jax_devices()["cpu"]):
+            attn = CausalSelfAttention(cfg, rngs=nnx.Rngs(seed))
+            attn.eval()
+            eye = jnp.broadcast_to(jnp.eye(T, dtype=jnp.bfloat16)[None, :, None, :], (B, T, 1, T))  # (B, S, nh, hs)
+            got = np.asarray(attn.math_attention(jnp.asarray(q[:, :, None]), jnp.asarray(k[:, :, None]), eye))[:, :, 0]
+        names = (None, "cpu")
+    got = got.astype(np.float64)
+    ulp = 2.0 ** (np.floor(np.log2(np.where(truth > 0, truth, 1.0))) - tolerance_for("bfloat16").mantissa_bits)
+    ulps = np.abs(got - truth) / ulp  # masked entries: truth 0, ulp of 1
+    b, t, s = np.unravel_index(int(np.argmax(ulps)), ulps.shape)
+    worst, err = float(ulps[b, t, s]), float(np.max(np.abs(got - truth)))
+    passed = worst <= BF16_SOFTMAX_ULPS
+    detail = None if passed else f"attn probabilities: {worst:.2f} ulps > {BF16_SOFTMAX_ULPS:g} (batch {b}, query {t}, key {s})"
+    return Result(
+        "softmax_vs_f64", [B, T, T], "bfloat16", *names, f"{framework}:math", err, err / float(np.max(truth)),
+        BF16_SOFTMAX_ULPS * _bf16_ulp(float(np.max(truth))), passed, None if passed else "attn probabilities", detail,
+        config={"model": "attention", "n_heads": 1, "attn_impl": "math"},
     )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
   attn_fused_vs_math  fused attention against the explicit math path, within each framework
   golden              each twin alone against the committed float64 reference
   sublayers_vs_f64    each twin alone in bfloat16: every sublayer against float64 on its own input
+  softmax_vs_f64      each twin's bfloat16 math-path attention probabilities against a float64 softmax
   loss_vs_f64         each twin's loss on bfloat16 logits against a float64 cross-entropy
   roundtrip           torch -> Flax -> torch and back through safetensors files, bit for bit
   grad                every parameter gradient (and the block's input gradient), block and small GPT
@@ -183,6 +184,8 @@ def plan(dtypes, heads, torch_devices, jax_devices):
                     c = dataclasses.replace(cfg, attn_impl=impl)
                     yield Planned(f"bf16 sublayers vs float64 {framework}:{dname} {impl}", "sublayers_vs_f64",
                                   (framework,), lambda f=framework, c=c, d=dev: h.bf16_sublayer_check(f, c, d))
+            yield Planned(f"bf16 softmax vs float64 {framework}", "softmax_vs_f64", (framework,),
+                          lambda f=framework: h.softmax_check(f))
             yield Planned(f"bf16 loss vs float64 {framework}", "loss_vs_f64", (framework,),
                           lambda f=framework: h.loss_check(f))
     for dtype in tuple(dtypes) + (("float16",) if "bfloat16" in dtypes else ()):
