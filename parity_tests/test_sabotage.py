@@ -183,3 +183,12 @@ def test_grad_row_says_all_parameters_when_every_gradient_is_scaled(monkeypatch)
     assert r.divergence_detail.startswith("all parameters x2 ")
     one = th.worst_offender({"a": np.ones(3), "b": np.ones(2)}, {"a": 2 * np.ones(3), "b": np.ones(2)}, lambda _: 1e-5)
     assert one[0] == "a"  # one array off: that array, not "all parameters"
+
+
+def test_fast_variance_layer_norm_fails_the_large_mean_row(monkeypatch):
+    """Flax's own use_fast_variance=True (E[x^2] - E[x]^2): equal to two-pass on mean-0 inputs,
+    catastrophic cancellation on the large-mean one."""
+    monkeypatch.setattr(jb, "layer_norm", flax_layer_norm(use_fast_variance=True))
+    assert h.forward_check(CFG, "float64", "torch->jax").passed  # the mean-0 rows cannot see it
+    r = h.forward_check(CFG, "float64", "torch->jax", mean=h.LARGE_MEAN)
+    assert not r.passed and r.first_divergence == "ln_1", r.divergence_detail

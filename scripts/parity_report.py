@@ -160,6 +160,9 @@ def plan(dtypes, heads, torch_devices, jax_devices):
                             lambda c=cfg, d=dtype, r=direction, t=tdev, j=jdev: h.forward_check(c, d, r, t, j),
                         )
     cfg = BlockConfig.lesson(n_heads=max(heads))
+    if "float64" in dtypes:  # where a fast-variance LayerNorm (E[x^2] - E[x]^2) cancels
+        yield Planned(f"forward torch->jax float64 input mean {h.LARGE_MEAN:g}", "forward", both,
+                      lambda: h.forward_check(cfg, "float64", "torch->jax", mean=h.LARGE_MEAN))
     for dtype in dtypes:
         for tdev in torch_devices:
             yield Planned(f"attention paths torch:{tdev} {dtype}", "attn_fused_vs_math", ("torch",),
