@@ -32,12 +32,13 @@ def test_report_runs_the_flax_checks_without_torch(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["meta"]["versions"]["torch"] is None and "torch" in doc["meta"]["missing_frameworks"]
     ran = {(r["check"], r["direction"]) for r in doc["results"]}
-    assert ran == {("golden", "golden->jax"), ("kv_cache", "jax: cached vs uncached")}
+    assert ran == {("golden", "golden->jax"), ("defaults", "golden->jax (current default config)"),
+                   ("kv_cache", "jax: cached vs uncached")}  # fmt: skip
     skipped = {s["check"] for s in doc["skipped"]}
-    # the torch twin's golden and kv_cache rows, and every row that needs both twins
-    assert skipped == {"forward", "attn_fused_vs_math", "golden", "roundtrip", "kv_cache"}
+    # the torch twin's golden, defaults and kv_cache rows, and every row that needs both twins
+    assert skipped == {"forward", "attn_fused_vs_math", "golden", "defaults", "roundtrip", "kv_cache"}
     assert all("torch is not installed" in s["reason"] for s in doc["skipped"])
-    assert "2 passed, 0 failed, 7 skipped" in proc.stdout and "torch is not installed" in proc.stdout
+    assert "3 passed, 0 failed, 9 skipped" in proc.stdout and "torch is not installed" in proc.stdout
 
 
 @pytest.mark.skipif(not HAVE_JAX, reason="jax/flax are not installed")

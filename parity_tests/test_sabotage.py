@@ -192,3 +192,27 @@ def test_fast_variance_layer_norm_fails_the_large_mean_row(monkeypatch):
     assert h.forward_check(CFG, "float64", "torch->jax").passed  # the mean-0 rows cannot see it
     r = h.forward_check(CFG, "float64", "torch->jax", mean=h.LARGE_MEAN)
     assert not r.passed and r.first_divergence == "ln_1", r.divergence_detail
+
+
+def _shared_default(monkeypatch, **defaults):
+    """BlockConfig's own defaults changed, as a wrong edit to twin_common/config.py would: both twins
+    read them, so every twin-vs-twin row agrees."""
+    from twin_common import config
+
+    init = config.BlockConfig.__init__
+    names = [f.name for f in dataclasses.fields(config.BlockConfig) if f.init][-len(init.__defaults__):]
+    values = dict(zip(names, init.__defaults__)) | defaults
+    monkeypatch.setattr(init, "__defaults__", tuple(values[n] for n in names))
+
+
+@pytest.mark.parametrize("default,where", [(dict(ln_eps=1e-6), "ln_1"), (dict(gelu_approximate="tanh"), "mlp")])
+def test_a_wrong_shared_default_fails_the_defaults_row(monkeypatch, default, where):
+    _shared_default(monkeypatch, **default)
+    assert BlockConfig.lesson(4).to_dict().items() >= default.items()
+    assert h.forward_check(BlockConfig.lesson(4), "float64", "torch->jax").passed  # both twins share it
+    for framework in ("torch", "jax"):
+        assert h.golden_check(framework, 4, "float64").passed  # the stored config does not move
+        r = h.golden_check(framework, 4, "float64", defaults=True)
+        assert not r.passed and r.first_divergence == where, r.divergence_detail
+        (field, value), = default.items()
+        assert f"default changed: {field} {value!r}" in r.divergence_detail

@@ -7,6 +7,7 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
                       directions, every intermediate compared; float32, float64, bfloat16
   attn_fused_vs_math  fused attention against the explicit math path, within each framework
   golden              each twin alone against the committed float64 reference
+  defaults            each twin built from the current default config against the same reference
   sublayers_vs_f64    each twin alone in bfloat16: every sublayer against float64 on its own input
   softmax_vs_f64      each twin's bfloat16 math-path attention probabilities against a float64 softmax
   loss_vs_f64         each twin's loss on bfloat16 logits against a float64 cross-entropy
@@ -180,6 +181,13 @@ def plan(dtypes, heads, torch_devices, jax_devices):
             for jname, jdev in jax_devices.items():
                 yield Planned(f"golden jax:{jname} {dtype} heads={n_heads}", "golden", ("jax",),
                               lambda d=dtype, n=n_heads, j=jdev: h.golden_check("jax", n, d, j))
+    if "float64" in dtypes:  # the project's current defaults against the library-independent vectors
+        for tdev in torch_devices:
+            yield Planned(f"defaults torch:{tdev} float64", "defaults", ("torch",),
+                          lambda t=tdev: h.golden_check("torch", max(heads), "float64", t, defaults=True))
+        for jname, jdev in jax_devices.items():
+            yield Planned(f"defaults jax:{jname} float64", "defaults", ("jax",),
+                          lambda j=jdev: h.golden_check("jax", max(heads), "float64", j, defaults=True))
     if "bfloat16" in dtypes:  # each twin alone against float64: sublayers and the loss
         for framework, devices in (("torch", {t: t for t in torch_devices}), ("jax", jax_devices)):
             for dname, dev in devices.items():
