@@ -18,6 +18,9 @@ from twin_common.tolerances import tolerance_for
 
 VOCAB, POSITIONS, WIDTH, HEADS = 96, 16, 32, 4  # tiny: the whole file runs in seconds
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+# Not GPT-2's own epsilon (1e-5) nor its GELU ("gelu_new", tanh): a config mapping that drops either
+# field gives the twins' defaults and passes every row built from GPT-2's config.
+OTHER_CONFIG = {"layer_norm_epsilon": 1e-3, "activation_function": "gelu"}
 
 
 def hf_config(n_layers: int = 2, attn_implementation: str = "eager", **overrides):
@@ -47,29 +50,43 @@ def new_hf_model(config, seed: int = 0):
 
 
 def hf_run(model, idx: np.ndarray) -> dict[str, np.ndarray]:
-    """Logits and the hidden states, keyed like the twins' intermediates: transformers' hidden
-    state 0 is the embedding sum, i (1 <= i < n) is block i-1's output, n is after ln_f."""
+    """Logits and every hidden state, keyed like the twins' intermediates, in the order computed:
+    transformers' hidden state 0 is the embedding sum, i (1 <= i < n) is block i-1's output and n
+    is after ln_f, so the last block's own output is taken by a forward hook on that block (without
+    it a 1-layer model would show only ``ln_f``, never ``blocks.0``)."""
     import torch
 
-    with torch.no_grad():
-        out = model(torch.as_tensor(idx), output_hidden_states=True)
-    n = len(out.hidden_states) - 1
-    names = ["embed", *(f"blocks.{i}" for i in range(n - 1)), "ln_f"]
-    found = {name: h.double().numpy() for name, h in zip(names, out.hidden_states)}
+    blocks = model.transformer.h
+    last = {}
+    hook = blocks[-1].register_forward_hook(
+        lambda module, args, out: last.update(h=out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        with torch.no_grad():
+            out = model(torch.as_tensor(idx), output_hidden_states=True)
+    finally:
+        hook.remove()
+    n = len(blocks)
+    hidden = [*out.hidden_states[:n], last["h"], out.hidden_states[n]]
+    names = ["embed", *(f"blocks.{i}" for i in range(n)), "ln_f"]
+    found = {name: h.double().numpy() for name, h in zip(names, hidden)}
     found["logits"] = out.logits.double().numpy()
     return found
 
 
-def new_twin(framework: str, cfg):
+def new_twin(framework: str, cfg, dtype: str = "float32"):
     if framework == "torch":
+        import torch
+
         from torch_impl.gpt import GPT
 
-        return GPT(cfg).eval()
+        return GPT(cfg).to(getattr(torch, dtype)).eval()
+    import jax.numpy as jnp
     from flax import nnx
 
     from jax_impl.gpt import GPT
 
-    model = GPT(cfg, rngs=nnx.Rngs(0))
+    model = GPT(cfg, param_dtype=getattr(jnp, dtype), rngs=nnx.Rngs(0))
     model.eval()
     return model
 
@@ -86,10 +103,10 @@ def twin_run(model, idx: np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.float64) for k, v in inter.items()}
 
 
-def import_into(framework: str, directory: str, verify: bool = False):
+def import_into(framework: str, directory: str, verify: bool = False, dtype: str = "float32"):
     from weight_conversion.hf_gpt2 import gpt2_config_from_dir, import_hf_gpt2
 
-    model = new_twin(framework, gpt2_config_from_dir(directory))
+    model = new_twin(framework, gpt2_config_from_dir(directory), dtype)
     import_hf_gpt2(model, directory, verify=verify)
     return model
 
@@ -98,31 +115,51 @@ def token_ids(batch: int, seq: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, (batch, seq)).astype(np.int64)
 
 
-def compare_logits(reference: dict, other: dict) -> tuple[float, float, float, bool, str | None]:
-    """(max_abs_err, max_rel_err, tolerance, passed, first_divergence) at the logits, float32 bound,
-    every hidden-state point also held to it to name the first divergence."""
-    bound = tolerance_for("float32").atol
-    first = next((k for k in reference if not np.max(np.abs(reference[k] - other[k])) <= bound), None)
+def compare_logits(
+    reference: dict, other: dict, dtype: str = "float32"
+) -> tuple[float, float, float, bool, str | None, str | None]:
+    """(max_abs_err, max_rel_err, tolerance, passed, first_divergence, detail) at the logits, the
+    dtype's bound, every hidden-state point (embed, each block's output, ln_f) also held to it, in
+    the order computed, to name the first divergence."""
+    bound = tolerance_for(dtype).atol
+    first = detail = None
+    for key in reference:
+        err = float(np.max(np.abs(reference[key] - other[key])))
+        if not err <= bound:
+            first, detail = key, f"{key}: {err:.2e} > {bound:.0e}"
+            break
     err = float(np.max(np.abs(reference["logits"] - other["logits"])))
     peak = float(np.max(np.abs(reference["logits"])))
-    return err, err / peak, bound, first is None, first
+    return err, err / peak, bound, first is None, first, detail
 
 
-def hf_gpt2_check(framework: str, n_layers: int, seq: int, attn_implementation: str, seed: int = 0) -> Result:
-    """transformers -> twin: import a saved GPT2LMHeadModel, compare logits (float32, CPU)."""
+def hf_gpt2_check(
+    framework: str, n_layers: int, seq: int, attn_implementation: str, seed: int = 0, dtype: str = "float32",
+    **overrides,
+) -> Result:  # fmt: skip
+    """transformers -> twin: import a saved GPT2LMHeadModel, compare logits and every hidden state
+    (CPU). ``dtype`` float64 holds them to 1e-12, where a wrong GELU kind or epsilon cannot hide
+    (tanh vs exact GELU moves this width-32 model's float32 logits by 7.9e-6, under 1e-5);
+    ``overrides`` are GPT2Config fields (layer_norm_epsilon, activation_function)."""
+    import torch
     from transformers.utils import logging
 
-    hf = new_hf_model(hf_config(n_layers, attn_implementation), seed)
+    hf = new_hf_model(hf_config(n_layers, attn_implementation, **overrides), seed).to(getattr(torch, dtype))
     idx = token_ids(2, seq, seed)
     logging.disable_progress_bar()  # save_pretrained's bar would interleave with the report's lines
-    with matched_precision(), tempfile.TemporaryDirectory() as directory:
+    with matched_precision(x64=dtype == "float64"), tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(directory)
-        twin = import_into(framework, directory)
+        twin = import_into(framework, directory, dtype=dtype)
         reference, other = hf_run(hf, idx), twin_run(twin, idx)
+    err, rel, bound, passed, first, detail = compare_logits(reference, other, dtype)
+    name = f"gpt2 {n_layers}L T={seq}" + "".join(f" {_SHORT.get(k, k)}={v}" for k, v in overrides.items())
     return Result(
-        "hf_gpt2", [2, seq], "float32", "cpu" if framework == "torch" else None,
+        "hf_gpt2", [2, seq], dtype, "cpu" if framework == "torch" else None,
         "cpu" if framework == "jax" else None, f"transformers({attn_implementation})->{framework}",
-        *compare_logits(reference, other),
-        config={"model": f"gpt2 {n_layers}L T={seq}", "n_layers": n_layers, "n_heads": HEADS,
-                "attn": attn_implementation, "seq": seq},
+        err, rel, bound, passed, first, detail,
+        config={"model": name, "n_layers": n_layers, "n_heads": HEADS, "attn": attn_implementation, "seq": seq,
+                **overrides},
     )  # fmt: skip
+
+
+_SHORT = {"layer_norm_epsilon": "eps", "activation_function": "act"}  # for the table's model column

@@ -29,7 +29,7 @@ import weight_conversion.hf_gpt2_table as ht
 from parity_tests import hf_harness as hh
 from twin_common import GPTConfig
 from twin_common.precision import matched_precision
-from twin_common.reference import gpt2_forward
+from twin_common.reference import gpt2_forward, read_gpt2_config
 from weight_conversion.safetensors_io import load_file, save_file
 from weight_conversion.verify import VerificationError
 
@@ -82,7 +82,7 @@ def test_logits_match_transformers(framework, n_layers, attn, saved):
     for seq in (1, hh.POSITIONS):  # one token, and the full context
         idx = hh.token_ids(3, seq)
         reference, other = hh.hf_run(hf, idx), hh.twin_run(twin, idx)
-        err, _, _, passed, first = hh.compare_logits(reference, other)
+        err, _, _, passed, first, _ = hh.compare_logits(reference, other)
         assert passed, f"seq {seq}: first divergence at {first}, logits max abs err {err:.3g}"
         assert err <= BOUND
 
@@ -100,7 +100,7 @@ def test_reference_reads_transformers_layout(saved):
     hf, directory = saved(3, "eager")
     arrays, _ = hg.read_hf_arrays(directory, hg.gpt2_config_from_dir(directory))
     idx = hh.token_ids(2, hh.POSITIONS)
-    ref = gpt2_forward(arrays, idx, hg.gpt2_config_from_dir(directory))
+    ref = gpt2_forward(arrays, idx, read_gpt2_config(directory))
     assert np.max(np.abs(ref["logits"] - hh.hf_run(hf, idx)["logits"])) <= BOUND
 
 
@@ -332,6 +332,44 @@ def test_verify_catches_layout_mistakes(mistake, framework, saved, monkeypatch):
         hg.import_hf_gpt2(twin, directory, verify=True)
     assert info.value.sublayer == "blocks.0.attn"  # the first sublayer the mistake touches
     assert_same(params(twin), before)  # old weights restored
+
+
+def _epsilon_dropped(monkeypatch):  # the mapping forgets layer_norm_epsilon: the twins' 1e-5
+    monkeypatch.delitem(hg.MAPPED, "layer_norm_epsilon")
+
+
+def _gelu_new_read_as_exact(monkeypatch):
+    monkeypatch.setitem(hg.ACTIVATIONS, "gelu_new", "none")
+
+
+def _exact_gelu_read_as_tanh(monkeypatch):
+    monkeypatch.setitem(hg.ACTIVATIONS, "gelu", "tanh")
+
+
+CONFIG_MAPPING_BUGS = {  # bug: (config overrides, the first sublayer verify names)
+    "epsilon dropped": (_epsilon_dropped, hh.OTHER_CONFIG, "blocks.0.ln_1"),
+    "gelu_new read as exact": (_gelu_new_read_as_exact, {}, "blocks.0.mlp"),
+    "exact gelu read as tanh": (_exact_gelu_read_as_tanh, hh.OTHER_CONFIG, "blocks.0.mlp"),
+}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("bug", list(CONFIG_MAPPING_BUGS))
+def test_a_config_mapping_bug_fails_verify_and_the_float64_row(bug, framework, monkeypatch, tmp_path):
+    """verify's reference reads config.json itself, so a mapping bug cannot move it; float64, since
+    a GELU kind moves this width-32 model's float32 logits by only 7.9e-6 (under 1e-5)."""
+    plant, overrides, sublayer = CONFIG_MAPPING_BUGS[bug]
+    hh.new_hf_model(hh.hf_config(1, "eager", **overrides)).double().save_pretrained(tmp_path)
+    plant(monkeypatch)
+    with matched_precision(x64=True):
+        twin = hh.new_twin(framework, hg.gpt2_config_from_dir(tmp_path), "float64")
+        before = params(twin)
+        with pytest.raises(VerificationError) as info:
+            hg.import_hf_gpt2(twin, tmp_path, verify=True)
+    assert info.value.sublayer == sublayer, str(info.value)
+    assert_same(params(twin), before)  # old weights restored
+    r = hh.hf_gpt2_check(framework, 1, hh.POSITIONS, "eager", dtype="float64", **overrides)
+    assert not r.passed and r.first_divergence == "blocks.0", r.divergence_detail
 
 
 def test_verify_catches_a_twin_table_mistake(monkeypatch):

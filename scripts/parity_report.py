@@ -16,7 +16,9 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
   train_step          20 AdamW steps (warmup + cosine, clipping) of a small GPT in both frameworks
   resume              10 steps in one framework, checkpoint, 10 more in the other
   hf_gpt2             transformers' GPT2LMHeadModel (random weights, saved with save_pretrained) imported
-                      into each twin: logits, 1 and 3 layers, seq 1 and 16, eager and sdpa attention;
+                      into each twin: logits and every block's hidden state, 1 and 3 layers, seq 1 and
+                      16, eager and sdpa attention; float64 rows (1e-12) with GPT-2's config and with
+                      epsilon 1e-3 and exact GELU;
                       skipped, with the reason, where transformers is not installed
   kv_cache            within each framework: cached generation against the uncached forward at every
                       position of a left-padded batch, float32 and float64
@@ -92,6 +94,12 @@ def hf_plan(dtypes):
                     yield Planned(f"hf_gpt2 transformers({attn})->{fw} layers={n} seq={seq}", "hf_gpt2",
                                   ("torch", "transformers") + (("jax",) if fw == "jax" else ()),
                                   lambda f=fw, n=n, t=seq, a=attn: hh.hf_gpt2_check(f, n, t, a))
+        # float64 (1e-12), where a dropped epsilon or a misread GELU kind cannot hide; GPT-2's own
+        # config, and one with another epsilon and exact GELU
+        for overrides in ({}, hh.OTHER_CONFIG):
+            yield Planned(f"hf_gpt2 transformers(eager)->{fw} float64 {overrides or 'gpt2 defaults'}", "hf_gpt2",
+                          ("torch", "transformers") + (("jax",) if fw == "jax" else ()),
+                          lambda f=fw, o=overrides: hh.hf_gpt2_check(f, 1, hh.POSITIONS, "eager", dtype="float64", **o))
 
 
 def sharded_unavailable() -> str | None:

@@ -12,8 +12,9 @@ transposed) to the twin's torch layout, then the twin table (``table.py``) to ei
 Every problem is reported at once (config fields the twins do not compute; missing, unexpected,
 wrong-shape, wrong-dtype and non-finite tensors) and the model is left untouched. ``verify=True``
 runs the imported twin against ``twin_common.reference.gpt2_forward``, a float64 NumPy GPT-2 that
-reads transformers' arrays directly (fused ``c_attn`` as is, Conv1D as ``x @ W``) and so shares no
-code with the tables it checks.
+reads transformers' arrays directly (fused ``c_attn`` as is, Conv1D as ``x @ W``) and config.json
+itself (epsilon, GELU kind, layers, heads), and so shares no code and no mapped value with the
+tables and the config mapping it checks.
 """
 
 from __future__ import annotations
@@ -225,10 +226,12 @@ def import_hf_gpt2(model, directory: str | os.PathLike, *, verify: bool = False)
     twin_arrays = to_twin(arrays, table)
     if not verify:
         return import_(model, twin_arrays)
-    from twin_common.reference import gpt2_forward
+    from twin_common.reference import gpt2_forward, read_gpt2_config
 
+    # The reference reads config.json itself: nothing mapped by gpt2_config_from_hf reaches it.
+    raw_config = read_gpt2_config(directory)
     apply_verified(
-        model, lambda: import_(model, twin_arrays), lambda probe: gpt2_forward(arrays, probe, model.cfg),
+        model, lambda: import_(model, twin_arrays), lambda probe: gpt2_forward(arrays, probe, raw_config),
         what=f"import of {where}",
     )  # fmt: skip
 
