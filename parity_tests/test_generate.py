@@ -56,7 +56,7 @@ def test_cached_logits_on_the_math_attention_path(framework):
 # -------------------------------------------------------------------------- across frameworks
 
 
-@pytest.mark.parametrize("sampling", ["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", ["greedy", "sampled", "top_k"])
 def test_both_twins_generate_the_same_tokens_from_the_same_seed(sampling):
     a, b, report = gh.generate_pair(sampling)
     assert all(len(row) >= 64 for row in a.tokens), "fewer than 64 steps compared"

@@ -216,3 +216,24 @@ def test_a_wrong_shared_default_fails_the_defaults_row(monkeypatch, default, whe
         assert not r.passed and r.first_divergence == where, r.divergence_detail
         (field, value), = default.items()
         assert f"default changed: {field} {value!r}" in r.divergence_detail
+
+
+def _top_k_keeps_one_more(monkeypatch):
+    """torch's sampler keeps the k + 1 largest logits instead of k."""
+    import torch_impl.generate as tg
+
+    honest = tg.sample
+
+    def sample(logits, u, temperature, top_p, *, greedy, top_k, use_top_p):
+        return honest(logits, u, temperature, top_p, greedy=greedy, top_k=top_k + 1 if top_k else 0, use_top_p=use_top_p)
+
+    monkeypatch.setattr(tg, "sample", sample)
+
+
+def test_a_top_k_keeping_one_more_fails_the_top_k_row(monkeypatch):
+    from parity_tests import generate_harness as gh
+
+    _top_k_keeps_one_more(monkeypatch)
+    r = gh.generate_check("top_k")
+    assert not r.passed
+    assert r.first_divergence.startswith("torch row ") and r.first_divergence.endswith("outside the top-k/top-p set")
