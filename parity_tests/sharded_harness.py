@@ -144,6 +144,44 @@ def hlo_collectives(hlo: str) -> list[tuple[str, list[list[int]]]]:
     return found
 
 
+def megatron_collectives(model: str, model_size: int) -> dict[str, int]:
+    """The forward's collectives in Megatron's scheme: two all-reduces per block over the "model"
+    axis (after attn.out_proj and after mlp.fc_out), nothing else; none without tensor parallelism."""
+    n_blocks = GPT_CFG.n_layers if model == "gpt" else 1
+    return {"all-reduce": 2 * n_blocks} if model_size > 1 else {}
+
+
+def collectives_row(framework: str, mesh, counts: dict[str, dict[str, int]]) -> Result:
+    """One row per framework and mesh: the forward's collectives of each model (``counts``:
+    {model: {op: n}}, op spelled as XLA spells it) against ``megatron_collectives``. The numbers of
+    a wrong split can be right while the plan moves far more data (an all-gather of activations):
+    this row sees what the value rows cannot. max abs err is the count of collectives off."""
+    off, first = 0, None
+    for model in ("gpt", "block"):
+        want, got = megatron_collectives(model, mesh[1]), counts[model]
+        for op in sorted(set(want) | set(got)):
+            n = abs(got.get(op, 0) - want.get(op, 0))
+            off += n
+            if n and first is None:
+                first = f"{model}: {got.get(op, 0)} {op} (Megatron: {want.get(op, 0)})"
+    name = mesh_name(mesh)
+    return Result(
+        "sharded_collectives", [], "float32", "cpu" if framework == "torch" else None,
+        "cpu" if framework == "jax" else None, f"{framework}:{name} forward vs Megatron", float(off), float(off),
+        0.0, first is None, first,
+        config={"model": "gpt+block", "framework": framework, "mesh": {"data": mesh[0], "model": mesh[1]},
+                "counts": counts},
+    )  # fmt: skip
+
+
+def jax_counts(comm: list) -> dict[str, int]:
+    """{op: n} of hlo_collectives' list."""
+    counts: dict[str, int] = {}
+    for op, _ in comm:
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
 def model_axis_groups(device_ids: np.ndarray) -> list[list[int]]:
     """The "model" axis groups of a (data, model) array of device ids: its rows."""
     return sorted(sorted(int(i) for i in row) for row in device_ids)
@@ -231,6 +269,7 @@ def _jax_worker(out: str, init: str, meshes: list[MeshShape], resume_save: str |
                 shp = x_tok.shape if model_name == "gpt" else x_act.shape
                 rows.append(compare_named("sharded_forward", ref_fwd[model_name], got, model=model_name, shape=shp, **common))
                 comm[model_name] = hlo_collectives(hlo)
+            rows.append(collectives_row("jax", ms, {m: jax_counts(c) for m, c in comm.items()}))
             rows.append(compare_named("sharded_grad", ref_grad, grads(gpt(), mesh), model="gpt", shape=x_tok.shape, **common))
             trainer = S.ShardedTrainer(gpt(), TCFG, mesh)
             # the state stays where the shardings say, step after step
@@ -483,6 +522,9 @@ def _torch_worker(out: str, init: str, shape: MeshShape, resume_from: str | None
             "sharded_resume", ref_losses[RESUME_AT:], ref_weights, got["resume_losses"], got["resume_weights"],
             mesh=shape.shape, framework="both", direction=f"jax:2x2 (10 steps)->torch:{name} (10 steps)",
         ))  # fmt: skip
+    comm = {k.split("/")[1]: v for k, v in got.items() if k.startswith("comm/")}  # CommDebugMode's spelling
+    rows.append(collectives_row("torch", shape.shape, {m: {op.replace("_", "-"): n for op, n in c["counts"].items()}
+                                                       for m, c in comm.items()}))  # fmt: skip
     timings["one device"] = time.perf_counter() - t0
     arrays = {name: {"losses": got["losses"], "weights": got["weights"], "comm": {k.split("/")[1]: v for k, v in got.items() if k.startswith("comm/")},
                      "placements": got["placements"]}}  # fmt: skip

@@ -230,10 +230,50 @@ def _top_k_keeps_one_more(monkeypatch):
     monkeypatch.setattr(tg, "sample", sample)
 
 
-def test_a_top_k_keeping_one_more_fails_the_top_k_row(monkeypatch):
-    from parity_tests import generate_harness as gh
+def _cells(out: str) -> list[tuple[str, str]]:
+    """(row, first-divergence cell) of every row of the report's table."""
+    lines = out.splitlines()
+    start = lines[0].index("first divergence")
+    return [(line, line[start:]) for line in lines[2:] if line and not line.startswith(" ") and len(line) > start]
+
+
+def test_report_names_a_top_k_keeping_one_more(monkeypatch, capsys):
+    """The top-k-only generate row fails and names the twin, row and token; greedy and the
+    top-p-cut sampled row cannot see it."""
+    from scripts import parity_report
 
     _top_k_keeps_one_more(monkeypatch)
-    r = gh.generate_check("top_k")
-    assert not r.passed
-    assert r.first_divergence.startswith("torch row ") and r.first_divergence.endswith("outside the top-k/top-p set")
+    assert parity_report.main(["--quiet", "--only", "generate", "--dtypes", "float32"]) == 1
+    cells = {line.split()[3]: (line, cell) for line, cell in _cells(capsys.readouterr().out)}  # by sampling
+    assert " FAIL " in cells["top_k"][0], cells
+    assert cells["top_k"][1].startswith("torch row ") and cells["top_k"][1].endswith("outside the top-k/top-p set"), cells
+    assert " PASS " in cells["greedy"][0], cells
+
+
+def test_report_names_each_planted_bug_in_its_row(monkeypatch, capsys):
+    """Four bugs at once, each in another code path, one float64 report: a fast-variance LayerNorm
+    (Flax), a wrong shared default (BlockConfig eps 1e-6), an epsilon dropped by the transformers
+    config mapping, a KV-cache slot never advanced after the second decode step (torch). Each fails
+    its own row with the cell that locates it; the rows that cannot see a bug still pass."""
+    import weight_conversion.hf_gpt2 as hg
+    from scripts import parity_report
+
+    monkeypatch.setattr(jb, "layer_norm", flax_layer_norm(use_fast_variance=True))
+    _shared_default(monkeypatch, ln_eps=1e-6)
+    monkeypatch.delitem(hg.MAPPED, "layer_norm_epsilon")
+    _cache_slot_stuck_after_second_decode_step(monkeypatch)
+    code = parity_report.main(["--quiet", "--only", "forward", "defaults", "hf_gpt2", "kv_cache",
+                               "--dtypes", "float64", "--heads", "4"])  # fmt: skip
+    assert code == 1
+    failed = {}
+    for line, cell in _cells(capsys.readouterr().out):
+        if " FAIL " in line:
+            failed.setdefault(line.split()[0], []).append((line, cell))
+        else:
+            assert " PASS " in line and "input mean" not in line and "eps=0.001" not in line, line
+    assert [c for _, c in failed["forward"]] and all("input mean 1000" in l and c.startswith("ln_1: ") for l, c in failed["forward"])
+    assert len(failed["defaults"]) == 2 and all(
+        c.startswith("ln_1: ") and c.endswith("default changed: ln_eps 1e-06 (golden 1e-05)") for _, c in failed["defaults"])
+    assert len(failed["hf_gpt2"]) == 2 and all("eps=0.001" in l and c.startswith("blocks.0: ") for l, c in failed["hf_gpt2"])
+    [(line, cell)] = failed["kv_cache"]
+    assert "torch:" in line and cell.startswith("row 0 position 7 (decode step 3; rule: the first position over the bound")

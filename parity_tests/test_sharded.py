@@ -93,7 +93,7 @@ PARITY_ROWS = {"sharded_forward gpt", "sharded_forward block", "sharded_grad gpt
 @pytest.mark.parametrize("mesh", _params(DEFAULT_JAX, SLOW_JAX))
 def test_jax_sharded_matches_one_device(request, mesh):
     doc = _jax(request, mesh)
-    _assert_rows(_rows(doc, mesh), PARITY_ROWS)
+    _assert_rows([r for r in _rows(doc, mesh) if r.check != "sharded_collectives"], PARITY_ROWS)
     # parameters and Adam moments stay laid out as the plan says, before and after 20 steps
     placement = doc["runs"][mesh]["placement"]
     assert placement == {"q_proj_kernel_spec": "P(None, 'model')", "q_proj_kernel_spec_after": "P(None, 'model')",
@@ -125,13 +125,25 @@ def test_jax_collective_check_catches_a_wrong_plan(jax_default):
     assert [op for op, _ in sabotaged] != ["all-reduce"] * 2 * sh.GPT_CFG.n_layers, sabotaged
 
 
+def test_jax_collective_rows_pass_and_fail_on_a_wrong_plan(jax_default):
+    """The report's sharded_collectives rows: Megatron's count on every default mesh; the wrong
+    split above (right numbers, extra collectives) fails one, naming the model and the collective."""
+    for mesh in DEFAULT_JAX:
+        rows = _rows(jax_default, mesh, "sharded_collectives")
+        assert len(rows) == 1 and rows[0].passed, rows
+    wrong = sh.jax_counts(jax_default["runs"]["sabotage"]["comm"])
+    r = sh.collectives_row("jax", (1, 2), {"gpt": wrong, "block": sh.megatron_collectives("block", 2)})
+    assert not r.passed and r.max_abs_err > 0, r
+    assert r.first_divergence.startswith("gpt: ") and "(Megatron: " in r.first_divergence, r.first_divergence
+
+
 # ----------------------------------------------------------------------------------------- torch
 
 
 @pytest.mark.parametrize("mesh", _params(DEFAULT_TORCH, SLOW_TORCH))
 def test_torch_sharded_matches_one_device(torch_doc, mesh):
     doc = torch_doc(mesh)
-    _assert_rows([r for r in _rows(doc, mesh) if r.check != "sharded_resume"], PARITY_ROWS)
+    _assert_rows([r for r in _rows(doc, mesh) if r.check not in ("sharded_resume", "sharded_collectives")], PARITY_ROWS)
     placements = doc["runs"][mesh]["placements"]
     if sh.parse_mesh_name(mesh).model > 1:  # DTensor placements as the table's split column says
         assert placements["blocks.0.attn.q_proj.weight"] == "(Replicate(), Shard(dim=0))"
@@ -154,6 +166,12 @@ def test_torch_forward_collectives_are_megatrons(torch_doc, mesh):
         assert counts == {"all_reduce": 2 * n_blocks}, f"{model}: {counts}"
         leaves = {m: c for m, c in by_module.items() if m.endswith(("attn.out_proj", "mlp.fc_out"))}
         assert len(leaves) == 2 * n_blocks and all(c == {"all_reduce": 1} for c in leaves.values()), by_module
+
+
+@pytest.mark.parametrize("mesh", DEFAULT_TORCH)
+def test_torch_collective_rows_pass(torch_doc, mesh):
+    rows = _rows(torch_doc(mesh), mesh, "sharded_collectives")
+    assert len(rows) == 1 and rows[0].passed, rows
 
 
 # ------------------------------------------------------------------------------ across frameworks
@@ -306,3 +324,40 @@ def test_train_script_on_meshes_and_across_frameworks(tmp_path):
         latest = json.load(f)
     assert latest["step"] == 4 and latest["framework"] == "torch"
     assert sorted(os.listdir(os.path.join(out, "ckpt"))) == ["step_000002.safetensors", "step_000004.safetensors"]
+
+
+# A wrong split in the shared table as the JAX worker sees it: out_proj split by output features
+# (like q_proj) instead of input features. Loaded by the worker's interpreter at start-up.
+WRONG_SPLIT = """
+import os
+if os.environ.get("JAX_PLATFORMS") == "cpu":  # the JAX worker only
+    import dataclasses
+    from jax_impl import sharding as S
+    from weight_conversion import table as T
+    honest = S.table_for
+    S.table_for = lambda cfg: tuple(
+        dataclasses.replace(s, split=T.Split.OUT_FEATURES) if s.torch_key.endswith("attn.out_proj.weight") else s
+        for s in honest(cfg))
+"""
+
+
+@pytest.mark.slow
+def test_report_fails_a_wrong_shared_split_in_jax_on_its_collectives(monkeypatch, tmp_path, capsys):
+    """Right numbers, extra collectives: the value rows pass, the collectives rows fail and name them.
+    (The default run covers the row on the same wrong plan: test_jax_collective_rows_pass_and_fail_on_a_wrong_plan.)"""
+    from scripts import parity_report
+
+    (tmp_path / "sitecustomize.py").write_text(WRONG_SPLIT)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    real = sh.run_worker
+    def jax_only(framework, *args, **kwargs):
+        if framework != "jax":
+            raise RuntimeError("the torch workers are not run here")
+        return real(framework, *args, **kwargs)
+
+    monkeypatch.setattr(sh, "run_worker", jax_only)
+    assert parity_report.main(["--quiet", "--only", "sharded", "--dtypes", "float32"]) == 1
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sharded_")]
+    collective = [r for r in rows if r.startswith("sharded_collectives")]
+    assert len(collective) == 2 and all(" FAIL " in r and "gpt: " in r and "(Megatron: " in r for r in collective), rows
+    assert all(" PASS " in r for r in rows if r.startswith("sharded_forward")), rows

@@ -138,13 +138,13 @@ def sharded_plan():
         return docs[mesh]["results"]
 
     def cross():
-        failed = [label for key, label in (("2x2", "sharded torch 2x2"), ("jax", "sharded jax")) if key not in docs]
-        if failed:  # compares their results: there is nothing to compare
+        try:
+            failed = [label for key, label in (("2x2", "sharded torch 2x2"), ("jax", "sharded jax")) if key not in docs]
+            if failed:  # compares their results: there is nothing to compare
+                raise DependencyFailed(f"not run: it compares the results of {' and '.join(failed)}, which failed above")
+            return [sh.cross_framework(docs["2x2"], docs["jax"])]
+        finally:
             tmp.cleanup()
-            raise DependencyFailed(f"not run: it compares the results of {' and '.join(failed)}, which failed above")
-        rows = [sh.cross_framework(docs["2x2"], docs["jax"])]
-        tmp.cleanup()
-        return rows
 
     both = ("torch", "jax")
     yield Planned("sharded jax 2x2, 1x4 (8 simulated CPU devices)", "sharded", both, jax_rows)
