@@ -82,23 +82,21 @@ def training_plan(dtypes):
 
 
 def hf_plan(dtypes):
-    """Rows against transformers' GPT-2 (CPU, float32): each twin's logits vs GPT2LMHeadModel's."""
-    if "float32" not in dtypes:
-        return
+    """Rows against transformers' GPT-2 (CPU, float32 and float64): each twin's logits and hidden
+    states vs GPT2LMHeadModel's."""
     from parity_tests import hf_harness as hh
 
     for fw in ("torch", "jax"):
-        for n in (1, 3):
+        needs = ("torch", "transformers") + (("jax",) if fw == "jax" else ())
+        for n in (1, 3) if "float32" in dtypes else ():
             for seq in (1, hh.POSITIONS):
                 for attn in hh.ATTN_IMPLEMENTATIONS:
-                    yield Planned(f"hf_gpt2 transformers({attn})->{fw} layers={n} seq={seq}", "hf_gpt2",
-                                  ("torch", "transformers") + (("jax",) if fw == "jax" else ()),
+                    yield Planned(f"hf_gpt2 transformers({attn})->{fw} layers={n} seq={seq}", "hf_gpt2", needs,
                                   lambda f=fw, n=n, t=seq, a=attn: hh.hf_gpt2_check(f, n, t, a))
         # float64 (1e-12), where a dropped epsilon or a misread GELU kind cannot hide; GPT-2's own
         # config, and one with another epsilon and exact GELU
-        for overrides in ({}, hh.OTHER_CONFIG):
-            yield Planned(f"hf_gpt2 transformers(eager)->{fw} float64 {overrides or 'gpt2 defaults'}", "hf_gpt2",
-                          ("torch", "transformers") + (("jax",) if fw == "jax" else ()),
+        for overrides in ({}, hh.OTHER_CONFIG) if "float64" in dtypes else ():
+            yield Planned(f"hf_gpt2 transformers(eager)->{fw} float64 {overrides or 'gpt2 defaults'}", "hf_gpt2", needs,
                           lambda f=fw, o=overrides: hh.hf_gpt2_check(f, 1, hh.POSITIONS, "eager", dtype="float64", **o))
 
 
