@@ -96,7 +96,8 @@ def hf_plan(dtypes):
         # float64 (1e-12), where a dropped epsilon or a misread GELU kind cannot hide; GPT-2's own
         # config, and one with another epsilon and exact GELU
         for overrides in ({}, hh.OTHER_CONFIG) if "float64" in dtypes else ():
-            yield Planned(f"hf_gpt2 transformers(eager)->{fw} float64 {overrides or 'gpt2 defaults'}", "hf_gpt2", needs,
+            config = " ".join(f"{k}={v}" for k, v in overrides.items()) or "GPT-2's config"
+            yield Planned(f"hf_gpt2 transformers(eager)->{fw} float64 {config}", "hf_gpt2", needs,
                           lambda f=fw, o=overrides: hh.hf_gpt2_check(f, 1, hh.POSITIONS, "eager", dtype="float64", **o))
 
 
