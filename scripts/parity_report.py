@@ -175,9 +175,14 @@ def plan(dtypes, heads, torch_devices, jax_devices):
     if "bfloat16" in dtypes:  # each twin alone against float64: sublayers and the loss
         for framework, devices in (("torch", {t: t for t in torch_devices}), ("jax", jax_devices)):
             for dname, dev in devices.items():
-                for impl in ("fused", "math"):
-                    c = dataclasses.replace(cfg, attn_impl=impl)
-                    yield Planned(f"bf16 sublayers vs float64 {framework}:{dname} {impl}", "sublayers_vs_f64",
+                # on a GPU the fused path runs cuDNN's kernel (attn_kernel="cudnn", the default): a
+                # second fused row there covers the library's own kernel (XLA's in JAX)
+                kernels = ("cudnn", "library") if dname not in ("cpu", None) else ("cudnn",)
+                variants = [("fused", k) for k in kernels] + [("math", "cudnn")]
+                for impl, kernel in variants:
+                    c = dataclasses.replace(cfg, attn_impl=impl, attn_kernel=kernel)
+                    name = impl if kernel == "cudnn" or impl == "math" else f"{impl}/{kernel}"
+                    yield Planned(f"bf16 sublayers vs float64 {framework}:{dname} {name}", "sublayers_vs_f64",
                                   (framework,), lambda f=framework, c=c, d=dev: h.bf16_sublayer_check(f, c, d))
             yield Planned(f"bf16 loss vs float64 {framework}", "loss_vs_f64", (framework,),
                           lambda f=framework: h.loss_check(f))
