@@ -81,3 +81,46 @@ def test_the_stand_in_graph_corrupts_a_loop_that_feeds_the_output_back(monkeypat
     monkeypatch.setitem(tg._COMPILED, "max-autotune-no-cudagraphs", fake)
     corrupted = tg.generate(model, PROMPTS, 12, Sampling(0.0), compile="max-autotune-no-cudagraphs")
     assert fake.fed_own_output and corrupted != eager
+
+
+@pytest.fixture(scope="module")
+def flax_model():
+    torch.manual_seed(0)
+    model = FlaxGPT(TINY, rngs=nnx.Rngs(0))
+    wc.import_(model, wc.export(TorchGPT(TINY)))
+    return model
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "sampled"])
+def test_a_flax_decode_step_hashes_no_graph_and_copies_nothing_to_the_device(flax_model, sampling, monkeypatch):
+    """Between the first and the last token, no GraphDef is hashed and nothing is put on the device
+    (explicitly or implicitly: the transfer guard refuses implicit host-to-device copies)."""
+    jg.run(flax_model, PROMPTS, 12, sampling, seed=3)  # warm-up: compiles prefill and decode
+    graphdef_type = type(nnx.split(flax_model)[0])
+    counts = {"hash": 0, "device_put": 0}
+    real_hash, real_put = graphdef_type.__hash__, jax.device_put
+
+    def counting_hash(self):
+        counts["hash"] += 1
+        return real_hash(self)
+
+    def counting_put(*args, **kwargs):
+        counts["device_put"] += 1
+        return real_put(*args, **kwargs)
+
+    monkeypatch.setattr(graphdef_type, "__hash__", counting_hash)
+    monkeypatch.setattr(jax, "device_put", counting_put)
+    seen = []
+    with jax.transfer_guard_host_to_device("disallow"):
+        gen = jg.run(flax_model, PROMPTS, 12, sampling, seed=3, on_step=lambda i, _: seen.append(dict(counts)))
+    assert len(seen) == 12
+    assert counts["hash"] >= 1 and counts["device_put"] >= 1, "the instrumentation saw nothing: it is broken"
+    assert seen[-1] == seen[0], f"per step after the first: {seen[0]} -> {seen[-1]} in 11 steps"
+    monkeypatch.undo()
+    assert gen.tokens == tg.generate(_torch_twin(flax_model), PROMPTS, 12, sampling, seed=3)
+
+
+def _torch_twin(flax_model):
+    model = TorchGPT(TINY)
+    wc.import_(model, wc.export(flax_model))
+    return model

@@ -81,7 +81,7 @@ def time_cached(framework: str, model, prompts, n_new: int, cache_len: int) -> d
 
 
 def _jax_compilations() -> int:
-    from jax_impl.generate import step
+    from jax_impl.generate import loop_step as step
 
     return step._cache_size() if hasattr(step, "_cache_size") else 0
 
