@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     print(f"# {versions}; {gpu or 'CPU'} (torch, transformers), JAX on {jax_device.platform}; torch threads "
           f"{torch.get_num_threads()}; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, float32"
           + (f"; weight-read floor at {bandwidth} TB/s" if bandwidth else ""))  # fmt: skip
-    header = (f"{'model':6} {'B':>2} {'path':30} {'prefill ms':>10} {'ms/token step':>13} {'tokens/s':>9} "
+    header = (f"{'model':6} {'B':>2} {'path':38} {'prefill ms':>10} {'ms/token step':>13} {'tokens/s':>9} "
               f"{'floor ms':>8}  notes")  # fmt: skip
     print(header)
     print("-" * len(header))
@@ -250,20 +250,22 @@ def main(argv=None) -> int:
             for B in args.batches:
                 prompts = rng.integers(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
                 rows = {}
-                for fw in ("torch", "jax"):
-                    rows[f"{fw} cached"] = time_cached(fw, models[fw], prompts, args.new_tokens, length)
-                    if fw == "torch":
-                        for mode in args.torch_compile:
-                            rows[f"torch cached compile={mode}"] = time_cached(
-                                fw, models[fw], prompts, args.new_tokens, length, compile=mode)  # fmt: skip
-                    if not args.no_uncached:
-                        rows[f"{fw} uncached"] = time_uncached(fw, models[fw], prompts, length, args.uncached_repeats)
-                if with_hf:
-                    rows["transformers"] = time_hf(models["hf"], prompts, args.new_tokens)
-                    if args.hf_static:
-                        rows["transformers static+compile"] = time_hf(models["hf"], prompts, args.new_tokens, static=True)
-                for path, r in rows.items():
+
+                def emit(path: str, r: dict) -> None:  # printed as measured: a cut-short run keeps its rows
+                    rows[path] = r
                     print(_row(name, B, path, r, rows, length, floor), flush=True)
+
+                if with_hf:  # first: the other rows compare with it
+                    emit("transformers", time_hf(models["hf"], prompts, args.new_tokens))
+                    if args.hf_static:
+                        emit("transformers static+compile", time_hf(models["hf"], prompts, args.new_tokens, static=True))
+                for fw in ("jax", "torch"):
+                    if not args.no_uncached:
+                        emit(f"{fw} uncached", time_uncached(fw, models[fw], prompts, length, args.uncached_repeats))
+                    emit(f"{fw} cached", time_cached(fw, models[fw], prompts, args.new_tokens, length))
+                    for mode in args.torch_compile if fw == "torch" else ():
+                        emit(f"torch cached compile={mode}",
+                             time_cached(fw, models[fw], prompts, args.new_tokens, length, compile=mode))  # fmt: skip
             del models
     return 0
 
@@ -286,7 +288,7 @@ def _row(name: str, B: int, path: str, r: dict, rows: dict, length: int, floor: 
             notes.append("tokens = transformers'" if same else "tokens differ from transformers'")
     prefill = f"{r['prefill_ms']:10.2f}" if "prefill_ms" in r else f"{'-':>10}"
     floor_text = f"{floor:8.3f}" if floor is not None else f"{'-':>8}"
-    return (f"{name:6} {B:>2} {path:30} {prefill} {r['ms_per_step']:13.3f} {r['tokens_per_s']:9.1f} {floor_text}  "
+    return (f"{name:6} {B:>2} {path:38} {prefill} {r['ms_per_step']:13.3f} {r['tokens_per_s']:9.1f} {floor_text}  "
             + "; ".join(notes))  # fmt: skip
 
 
