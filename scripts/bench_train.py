@@ -126,10 +126,14 @@ def trainer_mode(name, trainer, batches, hlo) -> Mode:
 
 def time_interleaved(modes: list[Mode], warmup: int, rounds: int) -> None:
     """Warm every mode up, then ``rounds`` rounds of one timed step per mode (the order rotates)."""
-    for m in modes:
-        for _ in range(warmup):
-            m.step()
-        m.sync()
+    for m in list(modes):
+        try:
+            for _ in range(warmup):
+                m.step()
+            m.sync()
+        except Exception as e:  # noqa: BLE001  (one mode that cannot run, e.g. a compile error: time the rest)
+            print(f"  {m.name} failed in warm-up, left out: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+            modes.remove(m)
     for r in range(rounds):
         for m in modes[r % len(modes):] + modes[: r % len(modes)]:
             wall, cpu = time.perf_counter(), time.process_time()
