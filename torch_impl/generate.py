@@ -106,13 +106,17 @@ def run(
     modes = dict(greedy=sampling.greedy, top_k=sampling.top_k, use_top_p=sampling.top_p < 1.0)
     # Everything the loop feeds the step goes to the device once, here: per step only views of
     # these and the previous step's token (no host-to-device copy per token).
+    # cache_len rows whatever max_new_tokens is: the views the step gets keep one base shape, so a
+    # compiled step is not compiled again for another max_new_tokens
     draws = np.stack([uniforms.next(B) for _ in range(max_new_tokens)])  # (steps, B)
+    padded = np.zeros((cache_len, B), np.float32)
+    padded[:max_new_tokens] = draws
     to_device = lambda v, dtype: torch.as_tensor(v, dtype=dtype, device=device)  # noqa: E731
-    u_all = to_device(draws, torch.float32)
+    u_all = to_device(padded, torch.float32)
     temperature = to_device(sampling.temperature or 1.0, torch.float32)  # unused when greedy
     top_p = to_device(sampling.top_p, torch.float32)
     start = to_device(lay.start, torch.long)
-    slots = to_device(np.arange(lay.prompt_slots, lay.prompt_slots + max_new_tokens), torch.long)
+    slots = to_device(np.arange(lay.prompt_slots, lay.prompt_slots + cache_len), torch.long)
     zero = to_device(0, torch.long)
     out: list[list[int]] = [[] for _ in rows]
     done = [False] * B
