@@ -17,11 +17,22 @@ from twin_common import BlockConfig, check_block_input
 
 INTERMEDIATES = ("ln_1", "attn", "resid_1", "ln_2", "mlp", "out")  # in the order they are computed
 
-# jax.nn.dot_product_attention's `implementation` for the fused path: None lets JAX choose, "xla"
-# or "cudnn" force one (cuDNN needs a GPU and fp16/bf16). torch picks its SDPA kernel per call by
-# itself (torch.nn.attention.sdpa_kernel restricts it), so the knob is JAX's alone and lives here,
-# not in the shared config. scripts.bench_train sets it with --jax-attention.
-ATTENTION_IMPLEMENTATION: str | None = None
+
+def fused_attention(cfg: BlockConfig, q, k, v, mask, scale: float) -> jax.Array:
+    """jax.nn.dot_product_attention, with cuDNN's kernel on a GPU in bf16/fp16 when cfg.attn_kernel
+    is "cudnn" (JAX's own choice there is XLA's). The platform is only known when the jitted
+    function is lowered, so both versions are traced and lax.platform_dependent keeps the one for
+    the platform it lowers for: XLA's on CPU and TPU. Inputs cuDNN refuses (it checks shapes and
+    dtypes while tracing) fall back to XLA's version. torch's twin: sdpa_backends."""
+    attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=mask is None,
+                               scale=scale)  # mask: True = attend, as in torch's SDPA  # fmt: skip
+    if cfg.attn_kernel != "cudnn" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return attend()
+    try:
+        jax.eval_shape(lambda: attend(implementation="cudnn"))  # raises for inputs cuDNN refuses
+    except (RuntimeError, ValueError, NotImplementedError, TypeError):  # RuntimeError: no cuDNN (CPU jaxlib)
+        return attend()
+    return jax.lax.platform_dependent(cuda=lambda: attend(implementation="cudnn"), default=attend)
 
 
 def dtype_name(dtype) -> str:
@@ -91,10 +102,7 @@ class CausalSelfAttention(nnx.Module):
         # 1.6e-7 max abs against a float64 softmax), so float64 would lose its precision.
         dropout_active = self.cfg.attn_dropout > 0 and not self.attn_dropout.deterministic
         if self.cfg.attn_impl == "fused" and not dropout_active and x.dtype != jnp.float64:
-            y = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, is_causal=mask is None, scale=self.scale,
-                implementation=ATTENTION_IMPLEMENTATION,
-            )  # mask: True = attend, as in torch's SDPA
+            y = fused_attention(self.cfg, q, k, v, mask, self.scale)
         else:
             y = self.math_attention(q, k, v, mask)
         y = y.reshape(B, T, -1)  # (B, T, C), or its local C / model features

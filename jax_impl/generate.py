@@ -4,7 +4,9 @@ twin_common/generation.py.
 
 The step is one jax.jit of a pure function of the split model state (nnx.split / nnx.merge), with
 the cache donated so XLA updates it in place. It is defined once at module level: the jit cache,
-keyed by the graph definition and the shapes, serves every position and every generate call.
+keyed by the split's static structure (SplitSpec) and the shapes, serves every position and every
+generate call. Per token the host does one jitted call on device-resident arrays and one read of
+the tokens: no graph hashing, no pytree flattening in Python, no host-to-device copy.
 """
 
 from __future__ import annotations
@@ -61,22 +63,57 @@ def sample(
     return jnp.minimum(idx, last_kept)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "greedy", "top_k", "use_top_p"),
-    donate_argnames=("cache",),
-)
 def step(
     graphdef, params, cache, rest, idx, t, start, last, u, temperature, top_p,
     *, greedy: bool, top_k: int, use_top_p: bool,
 ):  # fmt: skip
     """One prefill (idx (B, T_bucket)) or decode (idx (B, 1)) step on the split model:
     (next tokens (B,), logits (B, V), the updated cache). torch's twin mutates its cache in place;
-    here the new cache is returned, and donating the old one lets XLA reuse its memory."""
+    here the new cache is returned (loop_step donates the old one, so XLA reuses its memory)."""
     model = nnx.merge(graphdef, params, cache, rest)
     logits = model.cached_step(idx, t, start, last)
     token = sample(logits, u, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     return token, logits, nnx.state(model, nnx.Cache)
+
+
+class SplitSpec:
+    """The static half of a split model (graphdef and the treedefs of params, cache, rest), hashed
+    by identity. jax.jit hashes its static arguments on every call, and hashing a GraphDef walks
+    the whole graph (milliseconds for GPT-2 on a GPU host's CPU, per token): split_spec hashes it
+    once per generate call and hands the step this object, whose hash costs nothing."""
+
+    __slots__ = ("graphdef", "treedefs")
+
+    def __init__(self, graphdef, treedefs):
+        self.graphdef, self.treedefs = graphdef, treedefs
+
+
+@functools.lru_cache(maxsize=16)
+def split_spec(graphdef, treedefs) -> SplitSpec:
+    """One SplitSpec per distinct (graphdef, treedefs): equal models share it, and its compilations."""
+    return SplitSpec(graphdef, treedefs)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("spec", "greedy", "top_k", "use_top_p"),
+    donate_argnames=("cache",),
+)
+def loop_step(
+    spec: SplitSpec, params, cache, rest, idx, n, schedule, start, uniforms, temperature, top_p,
+    *, greedy: bool, top_k: int, use_top_p: bool,
+):  # fmt: skip
+    """Step ``n`` of the loop on flat lists of arrays (flattening nnx.State runs Python code per
+    leaf; a list of arrays is flattened by jit's C++ path). ``n`` is a device scalar, and the step
+    reads its slot, column and uniforms from the per-call arrays ``schedule`` (2, steps) and
+    ``uniforms`` (steps, B) itself: indexing them on the host would dispatch an op per step, where
+    torch's twin takes a view. Returns (tokens (B,), logits (B, V), the cache's arrays, the next
+    step's idx (B, 1), n + 1)."""
+    params, cache, rest = (jax.tree.unflatten(d, a) for d, a in zip(spec.treedefs, (params, cache, rest)))
+    t, last = schedule[0, n], schedule[1, n]
+    token, logits, cache = step(spec.graphdef, params, cache, rest, idx, t, start, last, uniforms[n], temperature,
+                                top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)  # fmt: skip
+    return token, logits, jax.tree.leaves(cache), token[:, None], n + 1
 
 
 def run(
@@ -99,23 +136,34 @@ def run(
     lay = layout(rows, cache_len)
     model.eval()
     model.setup_cache(B, cache_len)
-    graphdef, params, cache, rest = nnx.split(model, nnx.Param, nnx.Cache, ...)
+    graphdef, *states = nnx.split(model, nnx.Param, nnx.Cache, ...)
+    (params, p_def), (cache, c_def), (rest, r_def) = (jax.tree.flatten(s) for s in states)
+    spec = split_spec(graphdef, (p_def, c_def, r_def))
     modes = dict(greedy=sampling.greedy, top_k=sampling.top_k, use_top_p=sampling.top_p < 1.0)
-    temperature = jnp.float32(sampling.temperature or 1.0)  # unused when greedy
-    top_p = jnp.float32(sampling.top_p)
-    start = jnp.asarray(lay.start, jnp.int32)
+    # Everything the loop feeds the step goes to the model's device once, here (explicitly: no
+    # implicit host-to-device copy happens in the loop); per step only the previous step's outputs.
+    # The per-call arrays have cache_len rows whatever max_new_tokens is: one shape, one compilation.
+    draws = np.stack([uniforms.next(B) for _ in range(max_new_tokens)])  # (steps, B)
+    padded = np.zeros((cache_len, B), np.float32)
+    padded[:max_new_tokens] = draws
+    schedule = np.zeros((2, cache_len), np.int32)  # (slot t, column last) of each step
+    schedule[0, 1:max_new_tokens] = np.arange(lay.prompt_slots, lay.prompt_slots + max_new_tokens - 1)
+    schedule[1, 0] = lay.prompt_slots - 1
+    device = params[0].sharding
+    on_device = (padded, schedule, lay.start, np.float32(sampling.temperature or 1.0), np.float32(sampling.top_p),
+                 lay.tokens, np.int32(0))  # fmt: skip
+    u_all, schedule, start, temperature, top_p, idx, n = jax.device_put(on_device, device)
     out: list[list[int]] = [[] for _ in rows]
     done = [False] * B
-    draws, logits_seen = [], []
+    logits_seen = []
     t0 = time.perf_counter()
-    idx = jnp.asarray(lay.tokens, jnp.int32)
-    t, last = jnp.int32(0), jnp.int32(lay.prompt_slots - 1)
     prefill_s = 0.0
+    steps = 0
     try:
         for i in range(max_new_tokens):
-            draws.append(uniforms.next(B))
-            token, logits, cache = step(graphdef, params, cache, rest, idx, t, start, last,
-                                        jnp.asarray(draws[-1]), temperature, top_p, **modes)  # fmt: skip
+            token, logits, cache, idx, n = loop_step(spec, params, cache, rest, idx, n, schedule, start, u_all,
+                                                     temperature, top_p, **modes)  # fmt: skip
+            steps += 1
             new = checked_tokens(np.asarray(token).tolist(), i)  # the one host sync per step, after the step
             if record_logits:
                 logits_seen.append(np.asarray(logits))
@@ -129,13 +177,12 @@ def run(
                 on_step(i, new)
             if all(done):
                 break
-            # the next step: the new tokens at slot P + i, logits of that one column
-            idx, t, last = token[:, None], jnp.int32(lay.prompt_slots + i), jnp.int32(0)
     finally:
-        nnx.update(model, cache)  # the model's cache arrays were donated: hand it the live ones
+        # the model's cache arrays were donated: hand it the live ones
+        nnx.update(model, jax.tree.unflatten(c_def, cache))
     decode_s = time.perf_counter() - t0 - prefill_s
     logits = np.stack(logits_seen) if record_logits else None
-    return Generation(out, np.stack(draws), logits, prefill_s, decode_s, len(draws) - 1)
+    return Generation(out, draws[:steps], logits, prefill_s, decode_s, steps - 1)
 
 
 def generate(model: GPT, prompts, max_new_tokens: int, sampling: Sampling = Sampling(), **kwargs) -> list[list[int]]:

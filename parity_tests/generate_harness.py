@@ -60,7 +60,7 @@ def uncached_logits(framework: str, model, rows: list[list[int]]) -> np.ndarray:
         import torch
 
         with torch.no_grad():
-            return model(torch.from_numpy(batch)).numpy()
+            return model(torch.from_numpy(batch).to(model.wte.weight.device)).cpu().numpy()
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -70,14 +70,20 @@ def uncached_logits(framework: str, model, rows: list[list[int]]) -> np.ndarray:
     return np.asarray(forward(state, jnp.asarray(batch, jnp.int32)))
 
 
-def kv_cache_check(framework: str, dtype: str, attn_impl: str = "fused", seed: int = 0) -> h.Result:
+def kv_cache_check(framework: str, dtype: str, attn_impl: str = "fused", seed: int = 0, device=None) -> h.Result:
+    """``device``: a torch device name or a JAX device (None: the CPU)."""
     cfg = GPTConfig(**{**CACHE_CFG.to_dict(), "attn_impl": attn_impl})
     n_new = cfg.block_size - max(len(p) for p in CACHE_PROMPTS)  # up to the last position
     with matched_precision(x64=dtype == "float64"):
         if framework == "torch":  # one framework only: a machine without the other runs this check too
-            model = th.new_torch_gpt(cfg, dtype, seed)
+            model = th.new_torch_gpt(cfg, dtype, seed).to(device or "cpu")
         else:
+            import jax
+            from flax import nnx
+
             model = th.new_flax_gpt(cfg, dtype, seed + 100)
+            if device is not None:
+                nnx.update(model, jax.device_put(nnx.state(model), device))
             model.eval()
         gen = _run(framework, model, CACHE_PROMPTS, n_new, SAMPLINGS["greedy"])
         full = uncached_logits(framework, model, [list(p) + gen.tokens[r] for r, p in enumerate(CACHE_PROMPTS)])
@@ -100,8 +106,8 @@ def kv_cache_check(framework: str, dtype: str, attn_impl: str = "fused", seed: i
                 detail = f"{first} (decode step {k}; rule: the first position over the bound, not the worst): {err:.2e} > {tol:.0e}"
     return h.Result(
         check="kv_cache", shape=[len(CACHE_PROMPTS), cfg.block_size], dtype=dtype,
-        torch_device="cpu" if framework == "torch" else None,
-        jax_device="cpu" if framework == "jax" else None,
+        torch_device=(device or "cpu") if framework == "torch" else None,
+        jax_device=th._jax_name(device) if framework == "jax" else None,
         direction=f"{framework}: cached vs uncached", max_abs_err=worst,
         max_rel_err=worst / peak if peak else 0.0, tolerance=tol, passed=first is None,
         first_divergence=first, divergence_detail=detail,
@@ -133,18 +139,20 @@ def trained_weights(steps: int = 80) -> dict:
         return wc.export(trainer.model)
 
 
-def trained_pair():
+def trained_pair(torch_device: str = "cpu", jax_device=None):
     torch_model, flax_model = new_pair_models(TRAINED_CFG, "float32")
     weights = trained_weights()
     wc.import_(torch_model, weights)
     wc.import_(flax_model, weights)
-    return torch_model, flax_model
+    return th.place(torch_model, flax_model, torch_device, jax_device)
 
 
-def generate_pair(sampling_name: str, seed: int = 0) -> tuple[Generation, Generation, dict]:
+def generate_pair(
+    sampling_name: str, seed: int = 0, torch_device: str = "cpu", jax_device=None
+) -> tuple[Generation, Generation, dict]:
     sampling = SAMPLINGS[sampling_name]
     with matched_precision():
-        torch_model, flax_model = trained_pair()
+        torch_model, flax_model = trained_pair(torch_device, jax_device)
         a = _run("torch", torch_model, GEN_PROMPTS, GEN_STEPS, sampling, seed)
         b = _run("jax", flax_model, GEN_PROMPTS, GEN_STEPS, sampling, seed)
     return a, b, compare_generations(a, b, sampling)
@@ -164,8 +172,8 @@ def outside_the_filters(gen: Generation, sampling: Sampling) -> tuple[int, int] 
     return None
 
 
-def generate_check(sampling_name: str, seed: int = 0) -> h.Result:
-    a, b, report = generate_pair(sampling_name, seed)
+def generate_check(sampling_name: str, seed: int = 0, torch_device: str = "cpu", jax_device=None) -> h.Result:
+    a, b, report = generate_pair(sampling_name, seed, torch_device, jax_device)
     tol = tolerance_for("float32").atol
     outside = {fw: outside_the_filters(g, SAMPLINGS[sampling_name]) for fw, g in (("torch", a), ("jax", b))}
     passed = (report["identical"] or report["explained"]) and report["max_logit_diff"] <= tol
@@ -185,8 +193,8 @@ def generate_check(sampling_name: str, seed: int = 0) -> h.Result:
         divergence = (divergence + "; " if divergence else "") + "logits over tolerance"
     peak = float(np.max(np.abs(a.logits)))
     return h.Result(
-        check="generate", shape=[len(GEN_PROMPTS), GEN_STEPS], dtype="float32", torch_device="cpu",
-        jax_device="cpu", direction=f"torch<->jax {sampling_name}", max_abs_err=report["max_logit_diff"],
+        check="generate", shape=[len(GEN_PROMPTS), GEN_STEPS], dtype="float32", torch_device=torch_device,
+        jax_device=th._jax_name(jax_device), direction=f"torch<->jax {sampling_name}", max_abs_err=report["max_logit_diff"],
         max_rel_err=report["max_logit_diff"] / peak, tolerance=tol, passed=passed,
         first_divergence=divergence,
         config={"model": "gpt", "sampling": SAMPLINGS[sampling_name].__dict__, "seed": seed,

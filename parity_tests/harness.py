@@ -437,7 +437,7 @@ def bf16_sublayer_check(framework: str, cfg: BlockConfig, device=None, seed: int
     out_err = float(np.max(np.abs(inter["out"] - truth["out"])))
     peak = float(np.max(np.abs(truth["out"])))
     return Result(
-        "sublayers_vs_f64", list(LESSON_SHAPE), "bfloat16", *names, f"{framework}:{cfg.attn_impl}",
+        "sublayers_vs_f64", list(LESSON_SHAPE), "bfloat16", *names, attention_label(framework, cfg),
         out_err, out_err / peak, BF16_SUBLAYER_ULPS["out"] * _bf16_ulp(peak), first is None, first, detail,
         config=_config_summary(cfg),
     )  # fmt: skip
@@ -496,6 +496,12 @@ def softmax_check(framework: str, seed: int = 0) -> Result:
         BF16_SOFTMAX_ULPS * _bf16_ulp(float(np.max(truth))), passed, None if passed else "attn probabilities", detail,
         config={"model": "attention", "n_heads": 1, "attn_impl": "math"},
     )  # fmt: skip
+
+
+def attention_label(framework: str, cfg: BlockConfig) -> str:
+    """"torch:fused", "jax:math"; the fused path with the library's kernel: "jax:fused/library"."""
+    kernel = "/library" if cfg.attn_impl == "fused" and cfg.attn_kernel == "library" else ""
+    return f"{framework}:{cfg.attn_impl}{kernel}"
 
 
 def loss_check(framework: str, seed: int = 0) -> Result:

@@ -48,3 +48,37 @@ def test_the_trainer_checks_the_batch_on_the_host(bad):
         trainer.step(x, np.zeros((2, 8), np.int64))
     assert trainer.step_count == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_compiled_training_step_holds_the_loss_in_one_graph_and_matches_eager(monkeypatch):
+    """Trainer(compile=True) compiles forward + cross-entropy as one fullgraph function (the loss no
+    longer runs eagerly over the logits after the compiled model); three float32 steps give eager's
+    losses and norms. aot_eager (dynamo + AOTAutograd, no code generation) keeps the test cheap."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from torch_impl.train import forward_loss
+
+    counter = CompileCounterWithBackend("aot_eager")
+    real_compile = torch.compile
+    seen = {}
+
+    def compile_(fn, **kwargs):
+        seen.update(fn=fn, **kwargs)
+        return real_compile(fn, **{**kwargs, "backend": counter})
+
+    tcfg = TrainConfig(steps=4, batch_size=2, seq_len=8)
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 64, (2, 8)), rng.integers(0, 64, (2, 8))) for _ in range(3)]
+    results = {}
+    torch._dynamo.reset()
+    for compiled in (False, True):
+        monkeypatch.setattr(torch, "compile", compile_)
+        torch.manual_seed(0)
+        trainer = Trainer(GPT(TINY), tcfg, compile=compiled)
+        monkeypatch.setattr(torch, "compile", real_compile)
+        results[compiled] = [tuple(float(v) for v in trainer.step(*b)) for b in batches]
+    torch._dynamo.reset()
+    assert seen["fn"] is forward_loss and seen["fullgraph"] is True
+    assert counter.frame_count == 1, "one graph: the forward and the loss, for every step"
+    assert results[True] == results[False]

@@ -139,11 +139,11 @@ def test_a_token_difference_is_explained_only_where_float32_cannot_decide():
 
 
 def test_jax_step_compiles_once_per_shape_not_per_token_prompt_or_call(pair):
-    if not hasattr(jg.step, "_cache_size"):
+    if not hasattr(jg.loop_step, "_cache_size"):
         pytest.skip("this jax has no jit _cache_size() to count compilations with")
     model = pair["jax"]
     with matched_precision():
-        size = jg.step._cache_size
+        size = jg.loop_step._cache_size
         before = size()
         jg.run(model, [[1, 2, 3]], 6, Sampling(0.0))
         assert size() - before == 2, "one prefill and one decode compilation"

@@ -111,8 +111,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, mon
 
     real = tt.train_step
 
-    def poisoned(model, optimizer, x, y, tcfg, step, autocast_dtype=None):
-        loss, norm = real(model, optimizer, x, y, tcfg, step, autocast_dtype)
+    def poisoned(model, optimizer, x, y, tcfg, step, *rest):  # rest: autocast dtype, loss function
+        loss, norm = real(model, optimizer, x, y, tcfg, step, *rest)
         return (torch.tensor(float("nan")) if step == 3 else loss), norm
 
     monkeypatch.setattr(tt, "train_step", poisoned)

@@ -63,6 +63,22 @@ def new_flax_gpt(cfg: GPTConfig, dtype: str, seed: int):
         return GPT(cfg, param_dtype=getattr(jnp, dtype), rngs=nnx.Rngs(seed))
 
 
+def place(torch_model, flax_model, torch_device: str = "cpu", jax_device=None):
+    """Move a pair built on the CPUs to the given devices (jax_device None: stays on JAX's CPU);
+    returns the pair. The Trainers then keep their state and batches where the model is."""
+    import jax
+    from flax import nnx
+
+    torch_model.to(torch_device)
+    if jax_device is not None:
+        nnx.update(flax_model, jax.device_put(nnx.state(flax_model), jax_device))
+    return torch_model, flax_model
+
+
+def _jax_name(jax_device) -> str:
+    return "cpu" if jax_device is None else jax_device.platform
+
+
 def converted_pair(cfg, dtype: str, direction: str, seed: int = 0):
     """(torch model, flax model) with the same weights, moved in ``direction``."""
     if isinstance(cfg, BlockConfig):
@@ -265,11 +281,13 @@ def _compare_weights(a: dict, b: dict) -> tuple[float, str | None, str | None]:
     return worst, first, detail
 
 
-def trajectory_check(direction: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0) -> tuple[Result, dict]:
+def trajectory_check(
+    direction: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0, torch_device: str = "cpu", jax_device=None
+) -> tuple[Result, dict]:
     """Both twins train ``tcfg.steps`` steps from one converted init: per-step loss relative
     difference and final parameters, both within TRAIN_TOLERANCE."""
     with matched_precision():
-        t, j = converted_pair(SMALL_GPT, "float32", direction, seed)
+        t, j = place(*converted_pair(SMALL_GPT, "float32", direction, seed), torch_device, jax_device)
         runs = {"torch": TorchRun(t, tcfg), "jax": FlaxRun(j, tcfg)}
         losses = {name: [run.step(s) for s in range(tcfg.steps)] for name, run in runs.items()}
         weights = {name: run.export()[0] for name, run in runs.items()}
@@ -280,14 +298,17 @@ def trajectory_check(direction: str, tcfg: TrainConfig = TRAJECTORY, seed: int =
     first = f"loss at step {bad_step}" if bad_step is not None else w_first
     detail = f"loss at step {bad_step}: relative {rel[bad_step]:.1e}" if bad_step is not None else w_detail
     result = Result(
-        "train_step", [tcfg.batch_size, tcfg.seq_len], "float32", "cpu", "cpu", direction,
+        "train_step", [tcfg.batch_size, tcfg.seq_len], "float32", torch_device, _jax_name(jax_device), direction,
         w_err, _worst(rel), TRAIN_TOLERANCE, first is None, first, detail,
         config={"model": "gpt", "steps": tcfg.steps, **dataclasses.asdict(SMALL_GPT)},
     )  # fmt: skip
     return result, losses
 
 
-def resume_check(first: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0, path: str | None = None) -> Result:
+def resume_check(
+    first: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0, path: str | None = None,
+    torch_device: str = "cpu", jax_device=None,
+) -> Result:  # fmt: skip
     """Train half the steps in ``first``, save weights + AdamW state to one safetensors file, resume
     in the other framework for the rest; compare with an uninterrupted run in the second one."""
     import os
@@ -299,8 +320,8 @@ def resume_check(first: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0, path
     half = tcfg.steps // 2
     direction = f"{first}->{second}"
     with matched_precision(), tempfile.TemporaryDirectory() as tmp:
-        t, j = converted_pair(SMALL_GPT, "float32", "torch->jax", seed)
-        t2, j2 = converted_pair(SMALL_GPT, "float32", "torch->jax", seed)
+        t, j = place(*converted_pair(SMALL_GPT, "float32", "torch->jax", seed), torch_device, jax_device)
+        t2, j2 = place(*converted_pair(SMALL_GPT, "float32", "torch->jax", seed), torch_device, jax_device)
         a = _run(first, t if first == "torch" else j, tcfg)
         for s in range(half):
             a.step(s)
@@ -312,7 +333,7 @@ def resume_check(first: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0, path
         b.load(weights, optim, meta["step"])
         resumed_losses = [b.step(s) for s in range(half, tcfg.steps)]
         resumed = b.export()[0]
-        tt, jj = converted_pair(SMALL_GPT, "float32", "torch->jax", seed)
+        tt, jj = place(*converted_pair(SMALL_GPT, "float32", "torch->jax", seed), torch_device, jax_device)
         straight = _run(second, tt if second == "torch" else jj, tcfg)
         straight_losses = [straight.step(s) for s in range(tcfg.steps)][half:]
         uninterrupted = straight.export()[0]
@@ -322,7 +343,7 @@ def resume_check(first: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0, path
     first = None if passed else (w_first or "loss after resume")
     detail = None if passed else (w_detail or f"loss after resume: relative {rel:.1e}")
     return Result(
-        "resume", [tcfg.batch_size, tcfg.seq_len], "float32", "cpu", "cpu", direction,
+        "resume", [tcfg.batch_size, tcfg.seq_len], "float32", torch_device, _jax_name(jax_device), direction,
         w_err, rel, TRAIN_TOLERANCE, passed, first, detail,
         config={"model": "gpt", "steps": tcfg.steps, "resumed_at": half},
     )  # fmt: skip

@@ -5,6 +5,7 @@
     python -m scripts.bench_train --profile             # and the top ops of each framework's step
     python -m scripts.bench_train --threads 1           # both frameworks on one core
     python -m scripts.bench_train --model gpt2 --bf16   # GPT-2 124M shape, 16 x 1024 tokens
+    python -m scripts.bench_train --model gpt2 --bf16 --attention cudnn library   # each attention kernel
     python -m scripts.bench_train --mesh data=2,model=2 --cpu-devices 8   # JAX sharded, + collectives
 
 Every mode is built and warmed up first (compilation excluded), then the modes take turns, one
@@ -14,7 +15,12 @@ process CPU time per step (summed over the process's threads; on a loaded machin
 steadier of the two) and each as a ratio to torch eager. Figures print, nothing is asserted:
 speed targets live here, not in the tests.
 FLOPs per token = 6 N + 12 L H Q T (N parameters without the position embedding, L layers,
-H heads, Q head size, T sequence length), as nanoGPT's estimate_mfu counts them.
+H heads, Q head size, T sequence length), as nanoGPT's estimate_mfu counts them. MFU divides the
+achieved FLOP/s by the GPU's dense bf16 tensor-core peak (989 TF/s for an H100 or H200 SXM, 312 for
+an A100: NVIDIA's datasheets, without sparsity), whatever the dtype the step runs in.
+--attention: the fused attention's kernel on a GPU in bf16 (the config's attn_kernel): "cudnn"
+(cuDNN first, the default) or "library" (torch SDPA's own choice, XLA's in JAX); several values
+give one mode per kernel. It changes nothing on CPU.
 """
 
 from __future__ import annotations
@@ -80,14 +86,16 @@ def torch_mode(name, cfg, tcfg, batches, compile_: bool, bf16: bool, device: str
     return Mode(name, step, sync, n_params, lambda steps: profile_torch(step, sync, steps, name))
 
 
-def jax_mode(name, cfg, tcfg, batches, bf16: bool) -> Mode:
+def jax_mode(name, cfg, tcfg, batches, bf16: bool, device=None) -> Mode:
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from jax_impl.gpt import GPT
     from jax_impl.train import Trainer
 
-    trainer = Trainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg, bf16=bf16)
+    with jax.default_device(device):  # the Trainer keeps its state where the model was built
+        trainer = Trainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg, bf16=bf16)
 
     def hlo() -> str:
         x, y = (jnp.asarray(a, jnp.int32) for a in batches[0])
@@ -118,10 +126,14 @@ def trainer_mode(name, trainer, batches, hlo) -> Mode:
 
 def time_interleaved(modes: list[Mode], warmup: int, rounds: int) -> None:
     """Warm every mode up, then ``rounds`` rounds of one timed step per mode (the order rotates)."""
-    for m in modes:
-        for _ in range(warmup):
-            m.step()
-        m.sync()
+    for m in list(modes):
+        try:
+            for _ in range(warmup):
+                m.step()
+            m.sync()
+        except Exception as e:  # noqa: BLE001  (one mode that cannot run, e.g. a compile error: time the rest)
+            print(f"  {m.name} failed in warm-up, left out: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+            modes.remove(m)
     for r in range(rounds):
         for m in modes[r % len(modes):] + modes[: r % len(modes)]:
             wall, cpu = time.perf_counter(), time.process_time()
@@ -206,8 +218,10 @@ def main(argv=None) -> int:
                    help="JAX only: the sharded trainer over this mesh, with the collectives of its step")
     p.add_argument("--cpu-devices", type=int, metavar="N",
                    help="simulate N CPU devices for JAX (XLA_FLAGS, set before JAX starts)")
-    p.add_argument("--jax-attention", choices=["xla", "cudnn"],
-                   help="force jax.nn.dot_product_attention's implementation (default: JAX chooses)")
+    p.add_argument("--attention", nargs="+", choices=["cudnn", "library"], default=["cudnn"],
+                   help="the fused attention's kernel on a GPU in bf16, one mode per value (default: cudnn)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where both frameworks run (auto: CUDA and a JAX GPU when present)")
     p.add_argument("--threads", type=int,
                    help="run both frameworks on this many cores (CPU affinity and torch.set_num_threads; "
                         "XLA sizes its pool from the affinity). Default: each framework's own default")
@@ -233,10 +247,6 @@ def main(argv=None) -> int:
         return 1
     torch = None if "torch" in missing else importlib.import_module("torch")
     jax = None if "jax" in missing else importlib.import_module("jax")
-    if jax is not None:
-        import jax_impl.block
-
-        jax_impl.block.ATTENTION_IMPLEMENTATION = args.jax_attention
     if torch is not None and args.threads:
         torch.set_num_threads(args.threads)
     cfg, default_batch = MODELS[args.model]
@@ -245,30 +255,41 @@ def main(argv=None) -> int:
     tcfg = TrainConfig(steps=args.warmup + args.steps + 1, batch_size=batch, seq_len=seq, warmup_steps=1)
     rng = np.random.default_rng(0)
     batches = [tuple(rng.integers(0, cfg.vocab_size, (2, batch, seq)).astype(np.int64)) for _ in range(4)]
-    device = "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
+    cuda = torch is not None and torch.cuda.is_available()
+    device = ("cuda" if cuda else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not cuda:
+        p.error("--device cuda: torch sees no CUDA device" if torch else "--device cuda needs torch")
+    jax_device = None
+    if jax is not None:
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        if args.device == "cuda" and not gpus:
+            p.error("--device cuda: JAX sees no GPU")
+        jax_device = gpus[0] if gpus and args.device != "cpu" else jax.devices("cpu")[0]
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
     load = os.getloadavg()[0]
     torch_text = f"{torch.__version__} on {gpu or 'cpu'} ({torch.get_num_threads()} threads)" if torch else "-"
-    jax_text = f"{jax.__version__} on {jax.devices()[0].platform}" if jax else "-"
+    jax_text = f"{jax.__version__} on {jax_device.platform}" if jax else "-"
     print(f"model {args.model} ({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
           f"vocab {cfg.vocab_size}), batch {batch} x {seq}, {'bf16' if args.bf16 else 'float32'}; "
-          f"torch {torch_text}, jax {jax_text} (attention: {args.jax_attention or 'JAX chooses'}); "
+          f"torch {torch_text}, jax {jax_text}; attention kernel {' / '.join(args.attention)}; "
           f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, load average {load:.2f}",
           file=sys.stderr)  # fmt: skip
     modes, comm = [], None
-    for name in names:
-        print(f"  {name}: building and warming up ...", file=sys.stderr, flush=True)
+    for name, kernel in itertools.product(names, dict.fromkeys(args.attention)):
+        c = dataclasses.replace(cfg, attn_kernel=kernel)
+        label = name if len(args.attention) == 1 else f"{name} ({kernel})"
+        print(f"  {label}: building and warming up ...", file=sys.stderr, flush=True)
         if name.startswith("torch"):
-            modes.append(torch_mode(name, cfg, tcfg, batches, name == "torch-compile", args.bf16, device))
+            modes.append(torch_mode(label, c, tcfg, batches, name == "torch-compile", args.bf16, device))
         elif name == "jax-sharded":
-            mode, comm = jax_sharded_mode(f"jax-jit, mesh {args.mesh}", cfg, tcfg, batches, args.mesh, args.bf16)
+            mode, comm = jax_sharded_mode(f"jax-jit, mesh {args.mesh}", c, tcfg, batches, args.mesh, args.bf16)
             modes.append(mode)
         else:
-            modes.append(jax_mode(name, cfg, tcfg, batches, args.bf16))
+            modes.append(jax_mode(label, c, tcfg, batches, args.bf16, jax_device))
     print(f"  timing {args.steps} interleaved rounds ...", file=sys.stderr, flush=True)
     time_interleaved(modes, args.warmup, args.steps)
-    base = next((m for m in modes if m.name == "torch-eager"), None)
+    base = next((m for m in modes if m.name.startswith("torch-eager")), None)
     rows = []
     for m in modes:
         ms, cpu_ms = statistics.median(m.wall) * 1e3, statistics.median(m.cpu) * 1e3
@@ -281,6 +302,8 @@ def main(argv=None) -> int:
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
     for line in (headers, ["-" * w for w in widths], *rows):
         print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
+    if peak:
+        print(f"MFU: nanoGPT's FLOP count per token x tokens/s over {peak:.0f} TF/s, the dense bf16 peak of the {gpu}")
     if comm:
         print("\ncollectives per training step, per device (from the compiled program):")
         headers = ("collective", "count", "bytes")
@@ -299,7 +322,7 @@ def main(argv=None) -> int:
             prof = m.profile(max(3, min(args.steps, 10)))
             print()
             print(prof.table(args.top))
-            if m.name == "jax-jit":
+            if m.name.startswith("jax-jit"):
                 print("  by kind:  " + ", ".join(f"{k} {100 * share:.0f}%" for k, _, share in by_kind(prof)[:8]))
     return 0
 

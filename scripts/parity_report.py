@@ -59,8 +59,9 @@ class Planned(NamedTuple):
     run: Callable[[], h.Result]
 
 
-def training_plan(dtypes):
-    """Rows for gradients, 20-step AdamW trajectories and cross-framework resume (CPU, float32/64)."""
+def training_plan(dtypes, torch_devices=("cpu",), jax_devices=None):
+    """Rows for gradients (CPU, float32/64), then on every torch device x JAX device: 20-step AdamW
+    trajectories, cross-framework resume and generation (float32)."""
     from parity_tests import train_harness as th
 
     both = ("torch", "jax")
@@ -69,16 +70,23 @@ def training_plan(dtypes):
             for direction in h.DIRECTIONS:
                 yield Planned(f"grad {model} {direction} {dtype}", "grad", both,
                               lambda m=model, d=dtype, r=direction: th.grad_check(m, d, r))
-    if "float32" in dtypes:
-        for direction in h.DIRECTIONS:
-            yield Planned(f"train_step 20 x AdamW {direction}", "train_step", both,
-                          lambda r=direction: th.trajectory_check(r)[0])
-        for first in ("torch", "jax"):
-            yield Planned(f"resume 10 + 10 steps from {first}", "resume", both, lambda f=first: th.resume_check(f))
-        from parity_tests import generate_harness as gh
+    if "float32" not in dtypes:
+        return
+    from parity_tests import generate_harness as gh
 
-        for sampling in gh.SAMPLINGS:  # needs a trained model: trains one (80 steps) first
-            yield Planned(f"generate torch<->jax {sampling}", "generate", both, lambda s=sampling: gh.generate_check(s))
+    # JAX's CPU device is passed as None: the harness builds there (and names it "cpu")
+    pairs = [(t, j, None if j == "cpu" else d) for t in torch_devices for j, d in (jax_devices or {"cpu": None}).items()]
+    for tdev, jname, jdev in pairs:
+        where = f"torch:{tdev} jax:{jname}"
+        for direction in h.DIRECTIONS:
+            yield Planned(f"train_step 20 x AdamW {direction} {where}", "train_step", both,
+                          lambda r=direction, t=tdev, j=jdev: th.trajectory_check(r, torch_device=t, jax_device=j)[0])
+        for first in ("torch", "jax"):
+            yield Planned(f"resume 10 + 10 steps from {first} {where}", "resume", both,
+                          lambda f=first, t=tdev, j=jdev: th.resume_check(f, torch_device=t, jax_device=j))
+        for sampling in gh.SAMPLINGS:  # needs a trained model: trains one (80 steps, once) first
+            yield Planned(f"generate torch<->jax {sampling} {where}", "generate", both,
+                          lambda s=sampling, t=tdev, j=jdev: gh.generate_check(s, torch_device=t, jax_device=j))
 
 
 def hf_plan(dtypes):
@@ -198,9 +206,14 @@ def plan(dtypes, heads, torch_devices, jax_devices):
     if "bfloat16" in dtypes:  # each twin alone against float64: sublayers and the loss
         for framework, devices in (("torch", {t: t for t in torch_devices}), ("jax", jax_devices)):
             for dname, dev in devices.items():
-                for impl in ("fused", "math"):
-                    c = dataclasses.replace(cfg, attn_impl=impl)
-                    yield Planned(f"bf16 sublayers vs float64 {framework}:{dname} {impl}", "sublayers_vs_f64",
+                # on a GPU the fused path runs cuDNN's kernel (attn_kernel="cudnn", the default): a
+                # second fused row there covers the library's own kernel (XLA's in JAX)
+                kernels = ("cudnn", "library") if dname not in ("cpu", None) else ("cudnn",)
+                variants = [("fused", k) for k in kernels] + [("math", "cudnn")]
+                for impl, kernel in variants:
+                    c = dataclasses.replace(cfg, attn_impl=impl, attn_kernel=kernel)
+                    name = impl if kernel == "cudnn" or impl == "math" else f"{impl}/{kernel}"
+                    yield Planned(f"bf16 sublayers vs float64 {framework}:{dname} {name}", "sublayers_vs_f64",
                                   (framework,), lambda f=framework, c=c, d=dev: h.bf16_sublayer_check(f, c, d))
             yield Planned(f"bf16 softmax vs float64 {framework}", "softmax_vs_f64", (framework,),
                           lambda f=framework: h.softmax_check(f))
@@ -213,9 +226,11 @@ def plan(dtypes, heads, torch_devices, jax_devices):
     from parity_tests import generate_harness as gh
 
     for dtype in (d for d in dtypes if d in ("float32", "float64")):
-        for framework in ("torch", "jax"):
-            yield Planned(f"kv_cache {framework} cached vs uncached {dtype}", "kv_cache", (framework,),
-                          lambda f=framework, d=dtype: gh.kv_cache_check(f, d))
+        for framework, devices in (("torch", {t: t for t in torch_devices}), ("jax", jax_devices)):
+            for dname, dev in devices.items():
+                dev = None if dname in ("cpu", None) else dev  # None: the harness's CPU default
+                yield Planned(f"kv_cache {framework}:{dname} cached vs uncached {dtype}", "kv_cache", (framework,),
+                              lambda f=framework, d=dtype, v=dev: gh.kv_cache_check(f, d, device=v))
 
 
 class DependencyFailed(RuntimeError):
@@ -317,7 +332,7 @@ def main(argv=None) -> int:
     jax_devices = {"cpu": None} if "jax" in missing else h.jax_devices()
     planned = list(plan(args.dtypes, args.heads, torch_devices, jax_devices))
     if not args.skip_training:
-        planned += list(training_plan(args.dtypes))
+        planned += list(training_plan(args.dtypes, torch_devices, jax_devices))
     planned += list(hf_plan(args.dtypes))
     if args.only:
         known = sorted({p.check for p in planned} | {"sharded"})

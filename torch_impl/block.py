@@ -6,11 +6,13 @@ Shapes: B batch, T sequence, C d_model, nh heads, hs head size (C = nh * hs), H 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from twin_common import BlockConfig, check_block_input
 
@@ -37,6 +39,21 @@ def linear(d_in: int, d_out: int, cfg: BlockConfig) -> nn.Linear:
 def layer_norm(cfg: BlockConfig) -> nn.LayerNorm:
     """nn.LayerNorm with eps pinned (torch 1e-5, Flax 1e-6 by default); scale 1, bias 0."""
     return nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+
+
+# SDPA's kernels in the order tried when cfg.attn_kernel == "cudnn": the first that accepts the
+# inputs runs, so cuDNN where it can and torch's own kernels where it cannot (the fallback).
+CUDNN_FIRST = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH)  # fmt: skip
+
+
+def sdpa_backends(cfg: BlockConfig, q: torch.Tensor):
+    """The context SDPA runs in: cuDNN first on a GPU in bf16/fp16 when cfg.attn_kernel is "cudnn"
+    (torch's own priority puts flash attention first), torch's choice otherwise. Decided from the
+    config and the tensor, so a compiled graph bakes it in; nothing changes on CPU or in float32."""
+    if cfg.attn_kernel == "cudnn" and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return sdpa_kernel(list(CUDNN_FIRST), set_priority=True)
+    return contextlib.nullcontext()
 
 
 class CausalSelfAttention(nn.Module):
@@ -68,13 +85,14 @@ class CausalSelfAttention(nn.Module):
         if t is not None:
             k, v = self.kv_cache.update(k, v, t)  # (B, nh, L, hs) each
         if self.cfg.attn_impl == "fused":
-            y = F.scaled_dot_product_attention(
-                q, k, v,
-                attn_mask=mask,  # None, or True = attend (nn.MultiheadAttention: the opposite)
-                dropout_p=self.attn_dropout.p if self.training else 0.0,
-                is_causal=mask is None,  # causal without building a mask
-                scale=self.scale,
-            )  # (B, nh, T, hs)
+            with sdpa_backends(self.cfg, q):
+                y = F.scaled_dot_product_attention(
+                    q, k, v,
+                    attn_mask=mask,  # None, or True = attend (nn.MultiheadAttention: the opposite)
+                    dropout_p=self.attn_dropout.p if self.training else 0.0,
+                    is_causal=mask is None,  # causal without building a mask
+                    scale=self.scale,
+                )  # (B, nh, T, hs)
         else:
             y = self.math_attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, C), or its local C / model features

@@ -70,6 +70,7 @@ def step(
 
 
 _COMPILED: dict[str, object] = {}
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
 def compiled_step(mode: str | None = "default"):
@@ -101,22 +102,35 @@ def run(
     model.setup_cache(B, cache_len)
     device = model.wte.weight.device
     fn = step if compile is None else compiled_step(compile)
+    graphs = compile in CUDA_GRAPH_MODES
     modes = dict(greedy=sampling.greedy, top_k=sampling.top_k, use_top_p=sampling.top_p < 1.0)
-    scalar = lambda v, dtype: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
-    temperature = scalar(sampling.temperature or 1.0, torch.float32)  # unused when greedy
-    top_p = scalar(sampling.top_p, torch.float32)
-    start = torch.as_tensor(lay.start, dtype=torch.long, device=device)
+    # Everything the loop feeds the step goes to the device once, here: per step only views of
+    # these and the previous step's token (no host-to-device copy per token).
+    # cache_len rows whatever max_new_tokens is: the views the step gets keep one base shape, so a
+    # compiled step is not compiled again for another max_new_tokens
+    draws = np.stack([uniforms.next(B) for _ in range(max_new_tokens)])  # (steps, B)
+    padded = np.zeros((cache_len, B), np.float32)
+    padded[:max_new_tokens] = draws
+    to_device = lambda v, dtype: torch.as_tensor(v, dtype=dtype, device=device)  # noqa: E731
+    u_all = to_device(padded, torch.float32)
+    temperature = to_device(sampling.temperature or 1.0, torch.float32)  # unused when greedy
+    top_p = to_device(sampling.top_p, torch.float32)
+    start = to_device(lay.start, torch.long)
+    slots = to_device(np.arange(lay.prompt_slots, lay.prompt_slots + cache_len), torch.long)
+    zero = to_device(0, torch.long)
     out: list[list[int]] = [[] for _ in rows]
     done = [False] * B
-    draws, logits_seen = [], []
+    logits_seen = []
     t0 = time.perf_counter()
-    idx = torch.as_tensor(lay.tokens, dtype=torch.long, device=device)
-    t, last = scalar(0, torch.long), scalar(lay.prompt_slots - 1, torch.long)
+    idx = to_device(lay.tokens, torch.long)
+    t, last = zero, to_device(lay.prompt_slots - 1, torch.long)
     prefill_s = 0.0
+    steps = 0
     for i in range(max_new_tokens):
-        draws.append(uniforms.next(B))
-        u = torch.as_tensor(draws[-1], device=device)
-        token, logits = fn(model, idx, t, start, last, u, temperature, top_p, **modes)
+        if graphs:  # a new step begins: the graphs may reuse the memory of the last replay's outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        token, logits = fn(model, idx, t, start, last, u_all[i], temperature, top_p, **modes)
+        steps += 1
         new = checked_tokens(token.tolist(), i)  # the one host sync per step, after the step
         if record_logits:
             logits_seen.append(logits.cpu().numpy())
@@ -130,11 +144,12 @@ def run(
             on_step(i, new)
         if all(done):
             break
-        # the next step: the new tokens at slot P + i, logits of that one column
-        idx, t, last = token[:, None], scalar(lay.prompt_slots + i, torch.long), scalar(0, torch.long)
+        # the next step: the new tokens at slot P + i, logits of that one column. A CUDA graph's
+        # output lives in memory its next replay overwrites: the step gets a copy of the token.
+        idx, t, last = token[:, None].clone() if graphs else token[:, None], slots[i], zero
     decode_s = time.perf_counter() - t0 - prefill_s
     logits = np.stack(logits_seen) if record_logits else None
-    return Generation(out, np.stack(draws), logits, prefill_s, decode_s, len(draws) - 1)
+    return Generation(out, draws[:steps], logits, prefill_s, decode_s, steps - 1)
 
 
 def generate(model: GPT, prompts, max_new_tokens: int, sampling: Sampling = Sampling(), **kwargs) -> list[list[int]]:

@@ -170,7 +170,7 @@ class ShardedTrainer(Trainer):
     def eval_loss(self, x, y) -> float:
         from torch_impl.train import eval_loss
 
-        local = eval_loss(self.forward_model, self._tensor(local_rows(x, self.mesh)), self._tensor(local_rows(y, self.mesh)))
+        local = eval_loss(self.model, self._tensor(local_rows(x, self.mesh)), self._tensor(local_rows(y, self.mesh)), self.loss_of)
         return float(self._mean_over_data(local))
 
     def state(self):

@@ -49,18 +49,30 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def train_step(
-    model: torch.nn.Module, optimizer: torch.optim.AdamW, x: torch.Tensor, y: torch.Tensor,
-    tcfg: TrainConfig, step: int, autocast_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step at 0-based ``step``; returns (loss, grad norm before clipping)."""
-    for group in optimizer.param_groups:
-        group["lr"] = tcfg.lr_at(step)  # the shared schedule, set explicitly instead of LambdaLR
-    optimizer.zero_grad(set_to_none=True)
+def forward_loss(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The mean cross-entropy of model(x) against y, the forward under autocast when asked. The
+    Trainer compiles this whole function (not the model alone): the float32 upcast of the logits,
+    log-softmax and its backward then fuse into the compiled graph instead of running eagerly over
+    (B, T, V) float32 copies after it."""
     autocast = autocast_dtype is not None
     with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast):
         logits = model(x)
-    loss = loss_fn(logits, y)
+    return loss_fn(logits, y)
+
+
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.AdamW, x: torch.Tensor, y: torch.Tensor,
+    tcfg: TrainConfig, step: int, autocast_dtype: torch.dtype | None = None, loss_of=forward_loss,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step at 0-based ``step``; returns (loss, grad norm before clipping).
+    ``loss_of``: forward_loss, or its torch.compile'd version. Nothing here waits for the device:
+    the lr is a Python float, clipping scales on the device, and AdamW is fused (CUDA) or foreach."""
+    for group in optimizer.param_groups:
+        group["lr"] = tcfg.lr_at(step)  # the shared schedule, set explicitly instead of LambdaLR
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_of(model, x, y, autocast_dtype)
     loss.backward()
     # scales by grad_clip / (norm + 1e-6) when norm > grad_clip; the JAX twin does the same
     norm = clip_grad_norm(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
@@ -69,10 +81,10 @@ def train_step(
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def eval_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_of=forward_loss) -> torch.Tensor:
     was_training = model.training
     model.eval()
-    loss = loss_fn(model(x), y)
+    loss = loss_of(model, x, y)
     model.train(was_training)
     return loss
 
@@ -89,8 +101,9 @@ class Trainer:
         self.optimizer = make_optimizer(model, tcfg)
         self.device = next(model.parameters()).device
         self.autocast_dtype = torch.bfloat16 if bf16 else None
-        # torch.compile traces the module on first call; the optimizer keeps the original parameters
-        self.forward_model = torch.compile(model) if compile else model
+        # torch.compile traces on first call (fullgraph: a graph break is an error); the optimizer
+        # keeps the original parameters. Compiled, the loss is inside the graph (forward_loss).
+        self.loss_of = torch.compile(forward_loss, fullgraph=True) if compile else forward_loss
         self.step_count = 0
 
     def _tensor(self, a) -> torch.Tensor:
@@ -101,14 +114,14 @@ class Trainer:
         # the model's own id check cannot see values under torch.compile: check the batch on the host
         check_token_input(tuple(x.shape), x.dtype.name, self.model.cfg, (int(x.min()), int(x.max())))
         loss, norm = train_step(
-            self.forward_model, self.optimizer, self._tensor(x), self._tensor(y), self.tcfg,
-            self.step_count, self.autocast_dtype,
+            self.model, self.optimizer, self._tensor(x), self._tensor(y), self.tcfg,
+            self.step_count, self.autocast_dtype, self.loss_of,
         )  # fmt: skip
         self.step_count += 1
         return loss, norm
 
     def eval_loss(self, x, y) -> float:
-        return float(eval_loss(self.forward_model, self._tensor(x), self._tensor(y)))
+        return float(eval_loss(self.model, self._tensor(x), self._tensor(y), self.loss_of))
 
     def state(self) -> tuple[dict, dict, int]:
         """(weights, optimizer moments, step) in the interchange layout."""

@@ -19,11 +19,12 @@ import numbers
 from typing import Literal
 
 AttnImpl = Literal["fused", "math"]
+AttnKernel = Literal["cudnn", "library"]
 GeluApprox = Literal["none", "tanh"]
 
 # Fields that change how a block runs or is initialised, not the function its weights compute: a
 # checkpoint may be loaded into a config that differs from its own only in these.
-RUNTIME_FIELDS = frozenset({"attn_impl", "attn_dropout", "resid_dropout", "init_std"})
+RUNTIME_FIELDS = frozenset({"attn_impl", "attn_kernel", "attn_dropout", "resid_dropout", "init_std"})
 
 
 def _is_real(value) -> bool:
@@ -65,6 +66,10 @@ class BlockConfig(DictConfig):
     ln_eps: float = 1e-5  # torch's default; nnx.LayerNorm would silently use 1e-6
     gelu_approximate: GeluApprox = "none"  # torch's name: "none" = exact erf GELU, "tanh" = GPT-2's
     attn_impl: AttnImpl = "fused"  # "fused": SDPA / jax.nn.dot_product_attention; "math": explicit
+    # The fused path's kernel on a GPU in bf16/fp16: "cudnn" tries cuDNN's fused attention first and
+    # falls back to the library's choice where cuDNN cannot run (CPU, float32, unsupported shapes);
+    # "library": torch SDPA's / JAX's own choice (JAX's is XLA's). Other devices and dtypes: no effect.
+    attn_kernel: AttnKernel = "cudnn"
     attn_dropout: float = 0.0  # dropout on attention probabilities (training only)
     resid_dropout: float = 0.0  # dropout on each sublayer's output before the residual add
     init_std: float = 0.02  # normal(0, init_std) for every weight matrix, zeros for biases
@@ -87,6 +92,8 @@ class BlockConfig(DictConfig):
             )
         if self.attn_impl not in ("fused", "math"):
             problems.append(f"attn_impl must be 'fused' or 'math', got {self.attn_impl!r}")
+        if self.attn_kernel not in ("cudnn", "library"):
+            problems.append(f"attn_kernel must be 'cudnn' or 'library', got {self.attn_kernel!r}")
         for name in ("attn_dropout", "resid_dropout"):
             p = getattr(self, name)
             if not _is_real(p) or not 0.0 <= p < 1.0:
@@ -126,6 +133,7 @@ class GPTConfig(DictConfig):
     ln_eps: float = 1e-5
     gelu_approximate: GeluApprox = "none"
     attn_impl: AttnImpl = "fused"
+    attn_kernel: AttnKernel = "cudnn"
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0  # also applied to the embedding sum, as in GPT-2
     init_std: float = 0.02
