@@ -6,7 +6,7 @@
 
 The default corpus is generated (see twin_common.data); --data PATH trains on your own text file.
 A run directory holds ckpt/step_NNNNNN.safetensors (weights + AdamW state, either framework can load
-it), latest.json (which checkpoint is current, with its hash) and log.jsonl (one line per step).
+it), latest.json (which checkpoint is current, with its hash) and log.jsonl (one line per step, numbered from 1 like the checkpoints).
 Checkpoints are written to a temporary name and renamed, and latest.json is replaced only after the
 checkpoint it names is complete, so a crash at any point leaves the last good checkpoint usable.
 A checkpoint written by one framework resumes in the other (--resume with the other --framework).
@@ -180,11 +180,13 @@ def train_one(args, explicit: set[str] = frozenset()) -> int:
             if not math.isfinite(loss):
                 last = (run.read_latest()["path"] if run.exists() else
                         "none written yet (--resume starts the run over, taking the flags you give)")  # fmt: skip
-                print(f"error: loss became {loss} at step {step}; stopping without saving. "
+                print(f"error: loss became {loss} at step {trainer.step_count}; stopping without saving. "
                       f"Last good checkpoint: {last}", file=sys.stderr)  # fmt: skip
                 return 3
-            record = {"step": step, "loss": loss, "grad_norm": norm, "lr": tcfg.lr_at(step)}
             done = trainer.step_count
+            # "step": steps done, as the console and the checkpoint names count (the learning rate
+            # is the one this step used: the schedule's 0-based index)
+            record = {"step": done, "loss": loss, "grad_norm": norm, "lr": tcfg.lr_at(step)}
             if args.eval_every and (done % args.eval_every == 0 or done == tcfg.steps):
                 record["val_loss"] = last_val = val_loss(trainer, val, tcfg)
             run.append_log(record)
