@@ -228,7 +228,9 @@ def test_jax_mesh_larger_than_the_devices_is_refused():
     from twin_common.mesh import MeshShape
 
     n = len(jax.devices())
-    with pytest.raises(ValueError, match=f"needs {2 * (n + 1)} devices, but only {n} are visible"):
+    needed = 2 * (n + 1)
+    with pytest.raises(ValueError, match=f"needs {needed} devices, but only {n} are visible .*"
+                                         f"XLA_FLAGS=--xla_force_host_platform_device_count={needed}\\)"):
         init_distributed(MeshShape(2, n + 1), GPTConfig(d_model=32 * (n + 1), n_heads=4 * (n + 1)))
 
 
@@ -347,3 +349,11 @@ def test_train_script_on_meshes_and_across_frameworks(tmp_path, legs):
     printed = proc.stdout.decode().split("sample:\n", 1)[1].removesuffix("\n")
     expected = _one_device_sample(os.path.join(out, latest["checkpoint"]), seq_len=32, n_new=200, seed=0)
     assert printed == expected
+
+
+def test_workers_write_the_rows_parity_report_announces(jax_default, torch_doc):
+    """parity_report counts its rows before it runs (sharded workers return several each) from
+    ROWS_PER_MESH and ROWS_PER_RESUME; the workers must write exactly that many."""
+    assert len(jax_default["results"]) == sh.ROWS_PER_MESH * len(DEFAULT_JAX)
+    assert len(torch_doc("1x2")["results"]) == sh.ROWS_PER_MESH + sh.ROWS_PER_RESUME
+    assert len(torch_doc("2x2")["results"]) == sh.ROWS_PER_MESH

@@ -53,6 +53,11 @@ class Planned(NamedTuple):
     check: str  # the check's name in the table
     needs: tuple[str, ...]  # frameworks it needs: ("torch",), ("jax",) or both
     run: Callable[[], h.Result]
+    rows: int = 1  # rows it adds to the table (a sharded worker returns several)
+
+
+# The checks --skip-training leaves out (training_plan's), named in its help.
+TRAINING_CHECKS = ("grad", "train_step", "resume", "generate")
 
 
 def training_plan(dtypes):
@@ -133,9 +138,11 @@ def sharded_plan():
         return rows
 
     both = ("torch", "jax")
-    yield Planned("sharded jax 2x2, 1x4 (8 simulated CPU devices)", "sharded", both, jax_rows)
+    per_mesh, resume = sh.ROWS_PER_MESH, sh.ROWS_PER_RESUME
+    yield Planned("sharded jax 2x2, 1x4 (8 simulated CPU devices)", "sharded", both, jax_rows, 2 * per_mesh)
     for mesh in ("1x2", "2x2"):
-        yield Planned(f"sharded torch {mesh} (gloo processes)", "sharded", both, lambda m=mesh: torch_rows(m))
+        yield Planned(f"sharded torch {mesh} (gloo processes)", "sharded", both, lambda m=mesh: torch_rows(m),
+                      per_mesh + (resume if mesh == "1x2" else 0))  # fmt: skip
     yield Planned("sharded torch 2x2 vs jax 2x2", "sharded", both, cross)
 
 
@@ -267,7 +274,9 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", nargs="+", type=int, default=list(HEAD_COUNTS),
                         help="head counts at d_model 128 (default: 1 4)")
     parser.add_argument("--skip-training", action="store_true",
-                        help="forward, attention, golden, roundtrip and kv_cache checks only (no training, no generate rows)")
+                        help=f"leave out the checks that train ({', '.join(TRAINING_CHECKS)}) and the sharded rows; "
+                             f"forward, attn_fused_vs_math, golden, sublayers_vs_f64, loss_vs_f64, roundtrip, "
+                             f"kv_cache and hf_gpt2 still run")  # fmt: skip
     parser.add_argument("--skip-sharded", action="store_true",
                         help="leave out the sharded rows (subprocesses with simulated devices, ~1-3 min)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -299,7 +308,8 @@ def main(argv=None) -> int:
     elif not args.quiet and "float32" in args.dtypes:
         print(f"sharded rows skipped: {skipped_sharded}", file=sys.stderr)
     if not args.quiet:
-        print(f"running {len(checks)} checks; torch devices {torch_devices}, "
+        rows = sum(p.rows for p in checks)
+        print(f"running {len(checks)} checks ({rows} rows); torch devices {torch_devices}, "
               f"jax devices {list(jax_devices)}", file=sys.stderr)  # fmt: skip
     results = []
     for i, item in enumerate(checks, 1):
