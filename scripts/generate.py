@@ -29,6 +29,7 @@ from twin_common import GPTConfig
 from twin_common import data as D
 from twin_common.generation import Sampling, compare_generations
 from twin_common.precision import matched_precision
+from weight_conversion.preflight import check_fits
 
 
 class UsageError(Exception):
@@ -230,6 +231,7 @@ def main(argv=None) -> int:
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
         kind, path = resolve(args.checkpoint)
         cfg = load_config(kind, path)
+        check_fits(cfg, "gpt2" if kind == "gpt2" else kind, path)  # the headers, before any allocation
         tok = Tokenizer(kind, path, cfg)
         prompts = [tok.encode(p) for p in args.prompt] + [parse_ids(p) for p in args.prompt_ids]
         if not prompts:

@@ -43,7 +43,7 @@ from twin_common import BlockConfig
 from twin_common.precision import describe as describe_precision
 from twin_common.precision import matched_precision
 from twin_common.tolerances import TOLERANCES
-from weight_conversion.safetensors_io import write_atomic
+from weight_conversion.safetensors_io import cannot_write, write_atomic
 
 HEAD_COUNTS = (1, 4)  # the lesson's single head, and several heads
 
@@ -284,6 +284,10 @@ def main(argv=None) -> int:
     bad_heads = [n for n in args.heads if n < 1 or 128 % n]
     if bad_heads:
         parser.error(f"--heads must divide d_model=128; got {bad_heads}")
+    why = args.json is not None and cannot_write(args.json, folder=False)
+    if why:  # found now, not after minutes of checks
+        print(f"error: --json {args.json}: {why}", file=sys.stderr)
+        return 2
 
     start = time.perf_counter()
     # A machine may have one framework only (a TPU VM has no torch): run what it can, list the rest.

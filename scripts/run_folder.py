@@ -27,7 +27,7 @@ import re
 import stat
 
 from weight_conversion.checkpoint import MAX_STEP, load_checkpoint, read_checkpoint_metadata
-from weight_conversion.safetensors_io import HASH_KEY, CheckpointError, read_header, write_atomic
+from weight_conversion.safetensors_io import HASH_KEY, CheckpointError, cannot_write, read_header, write_atomic
 
 KEEP_CHECKPOINTS = 3
 FRAMEWORKS = ("torch", "jax")
@@ -73,6 +73,11 @@ class RunDir:
             return "--out is empty: give a folder for the run"
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             return f"--out {self.path} exists and is not a folder"
+        for folder in (self.path, self.ckpt):  # checked now, before anything is built or run
+            if folder == self.path or os.path.isdir(folder):
+                why = cannot_write(folder, folder=True)
+                if why:
+                    return f"--out {self.path}: {why}"
         return None
 
     def exists(self) -> bool:
