@@ -69,6 +69,12 @@ def _max_err(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
 
 
+# Rows a worker writes per mesh (forward of the GPT and of the block, gradients, 20 steps), and one
+# more for a resume; parity_report announces its row count from these.
+ROWS_PER_MESH = 4
+ROWS_PER_RESUME = 1
+
+
 def compare_named(check: str, ref: dict, got: dict, *, mesh, framework: str, direction: str, model: str,
                   shape, skip=()) -> Result:  # fmt: skip
     """One Result over every named array (in ``ref``'s order): worst error, first name over the bound."""

@@ -4,6 +4,7 @@ the twins' greedy tokens against transformers' GPT-2 generate on the same weight
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -122,6 +123,12 @@ def test_a_gpt2_directory(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "identical: yes" in out
+    # ids without a tokenizer: the prompt's, a visible boundary, the 12 new ones (not "5 6 711 ...")
+    rows = [line for line in out.splitlines() if line.startswith("[")]
+    assert len(rows) == 2 and all(re.fullmatch(r"\[(torch|jax)\] 5 6 7 \| (\d+ ){11}\d+", r) for r in rows), rows
+    code = G.main(["--framework", "torch", "--checkpoint", str(tmp_path), "--prompt-ids", "5,6,7", "--quiet",
+                   "--max-new-tokens", "3"])  # fmt: skip
+    assert re.fullmatch(r"5 6 7 \| \d+ \d+ \d+\n", capsys.readouterr().out) and code == 0
     code = G.main(["--framework", "torch", "--checkpoint", str(tmp_path), "--prompt", "hello", "--quiet"])
     assert code == 2 and "--prompt-ids" in capsys.readouterr().err  # no tokenizer files in that folder
 

@@ -164,15 +164,29 @@ def test_export_loads_in_transformers_with_same_logits(framework, tie, tmp_path)
     assert_same(params(again), params(twin))  # out and back in: bit for bit
 
 
-def test_export_into_existing_directory_replaces_files(tmp_path):
+def test_export_into_a_folder_holding_a_model_is_refused_unless_overwrite(tmp_path):
+    """A folder that already holds a model (here sharded, as save_pretrained writes a large one):
+    refused and untouched; with overwrite=True the new model replaces it and no stale weight file
+    (old shards, their index, another framework's weights) is left for a loader to pick up."""
     cfg = GPTConfig(vocab_size=96, block_size=16, n_layers=1, d_model=32, n_heads=4, gelu_approximate="tanh")
     first, second = perturbed_twin("torch", cfg), hh.new_twin("torch", cfg)
     hg.export_hf_gpt2(first, tmp_path)
-    hg.export_hf_gpt2(second, tmp_path)
+    old = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+    stale = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+             "pytorch_model.bin"]  # fmt: skip
+    for name in stale:
+        (tmp_path / name).write_bytes(b"old")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+    with pytest.raises(ValueError, match="is not empty .*overwrite=True"):
+        hg.export_hf_gpt2(second, tmp_path)
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
+    hg.export_hf_gpt2(second, tmp_path, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert (tmp_path / "model.safetensors").read_bytes() != old["model.safetensors"]
     back = hh.new_twin("jax", cfg)
     hg.import_hf_gpt2(back, tmp_path)
     assert_same(params(back), params(second))
-    assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []  # no temporaries left
 
 
 def test_bias_free_model_has_no_gpt2_layout(tmp_path):

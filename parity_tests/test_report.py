@@ -127,3 +127,20 @@ def test_a_crashed_worker_shows_its_cause_and_the_row_that_depends_on_it_says_so
     assert "KeyError" not in rows[1]
     assert rows[1].endswith("error: DependencyFailed: not run: it compares the results of sharded torch 2x2, "
                             "which failed above"), rows[1]  # fmt: skip
+
+
+def test_skip_training_help_names_the_checks_it_leaves_out_and_those_it_runs(capsys):
+    """The help is built from TRAINING_CHECKS; the plans must agree with it, check by check."""
+    from scripts import parity_report as pr
+
+    with pytest.raises(SystemExit):
+        pr.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    left_out, still_run = help_text.split("--skip-training", 1)[1].split("still run", 1)[0].split(";", 1)
+    dtypes = ["float32", "float64", "bfloat16"]
+    training = {p.check for p in pr.training_plan(dtypes)}
+    others = {p.check for p in pr.plan(dtypes, [4], ["cpu"], {"cpu": None})} | {p.check for p in pr.hf_plan(dtypes)}
+    assert training == set(pr.TRAINING_CHECKS)
+    assert all(name in left_out for name in training) and "sharded" in left_out
+    assert all(name in still_run for name in others), (others, still_run)
+    assert not any(name in still_run for name in training)

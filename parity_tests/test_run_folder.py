@@ -236,7 +236,19 @@ def test_larger_steps_extends_a_finished_run_and_smaller_is_refused(run, capsys)
     assert "extending the run from 4 to 6 steps" in capsys.readouterr().err
     assert _latest(run)["step"] == 6
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == list(range(6))
+    assert [r["step"] for r in lines] == list(range(1, 7))  # numbered as the checkpoints are
+
+
+def test_an_old_log_numbered_from_0_is_renumbered_on_resume(run):
+    """Run folders written before steps were numbered from 1 stay readable: on resume their lines
+    are renumbered, so the log has one numbering throughout."""
+    log = run / "log.jsonl"
+    old = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps({**r, "step": r["step"] - 1}) + "\n" for r in old))
+    assert _main(run, "--resume", "--quiet", "--sample", "0") == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 5))
+    assert [r["loss"] for r in lines[: len(old)]] == [r["loss"] for r in old]
 
 
 def test_run_stopped_before_its_first_checkpoint_restarts_with_resume(tmp_path, capsys):
@@ -252,7 +264,7 @@ def test_run_stopped_before_its_first_checkpoint_restarts_with_resume(tmp_path, 
     assert _main(out, *FAST, "--steps", "2", "--resume") == 0
     assert "starting over from step 0" in capsys.readouterr().err
     assert not tmp.exists()
-    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_resume_removes_temporaries_left_by_a_kill(run, capsys):

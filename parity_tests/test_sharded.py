@@ -246,7 +246,9 @@ def test_jax_mesh_larger_than_the_devices_is_refused():
     from twin_common.mesh import MeshShape
 
     n = len(jax.devices())
-    with pytest.raises(ValueError, match=f"needs {2 * (n + 1)} devices, but only {n} are visible"):
+    needed = 2 * (n + 1)
+    with pytest.raises(ValueError, match=f"needs {needed} devices, but only {n} are visible .*"
+                                         f"XLA_FLAGS=--xla_force_host_platform_device_count={needed}\\)"):
         init_distributed(MeshShape(2, n + 1), GPTConfig(d_model=32 * (n + 1), n_heads=4 * (n + 1)))
 
 
@@ -296,33 +298,71 @@ def test_a_killed_rank_stops_the_others_quickly(workdir):
     assert run["seconds"] < 30, run  # the collective timeout in this test; measured 0.4 s
 
 
-def test_train_script_on_meshes_and_across_frameworks(tmp_path):
-    """The command-line path end to end: JAX on (2, 2) simulated devices writes the gathered
-    checkpoint at step 2, torchrun with 2 gloo processes on (1, 2) resumes it to the end; rank 0
-    alone writes, and the log holds every step once."""
+# Each leg: the first framework and mesh stop at step 2, the second resumes to the end. Together the
+# legs cover every mesh family in the CLI: JAX data x model, torch model, torch data, JAX model.
+TRAIN_SCRIPT_LEGS = [
+    (("jax", "data=2,model=2"), ("torch", "model=2")),
+    (("torch", "data=2"), ("jax", "model=2")),
+]
+
+
+def _one_device_sample(ckpt: str, seq_len: int, n_new: int, seed: int) -> str:
+    """What scripts.train's end-of-run sample prints for ``ckpt``, computed by torch on one device."""
+    import torch
+
+    import weight_conversion as wc
+    from torch_impl.gpt import GPT, generate
+    from twin_common import GPTConfig
+    from twin_common import data as D
+    from weight_conversion.checkpoint import load_checkpoint, read_checkpoint_metadata
+
+    _, cfg, _ = read_checkpoint_metadata(ckpt)
+    cfg = GPTConfig.from_dict(cfg)
+    weights, _, _ = load_checkpoint(ckpt, cfg)
+    model = GPT(cfg)
+    wc.import_(model, weights)
+    train, _ = D.split(D.generated_corpus(), seq_len)
+    prompt = list(train[: min(8, seq_len)])
+    with torch.no_grad():
+        return D.decode(generate(model.eval(), prompt, n_new, 0.8, seed))
+
+
+@pytest.mark.parametrize("legs", TRAIN_SCRIPT_LEGS, ids=lambda legs: "->".join(f"{f}:{m}" for f, m in legs))
+def test_train_script_on_meshes_and_across_frameworks(tmp_path, legs):
+    """The command-line path end to end, with the CLI's defaults (validation loss, checkpoints, the
+    end-of-run sample): the first leg writes the gathered checkpoint at step 2, the second resumes
+    it on another mesh in the other framework to the end, evaluates, checkpoints and samples on a
+    tensor-parallel model; rank 0 alone writes, the log holds every step once, and the sample is
+    the one a single device draws from the same checkpoint."""
     import json
     import subprocess
     import sys
 
     out = str(tmp_path / "run")
-    common = ["--model", "tiny", "--steps", "4", "--batch-size", "4", "--out", out, "--quiet", "--sample", "0",
-              "--eval-every", "0", "--ckpt-every", "0"]  # fmt: skip
+    common = ["--model", "tiny", "--steps", "4", "--batch-size", "4", "--out", out, "--quiet"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
-    runs = [
-        [sys.executable, "-m", "scripts.train", "--framework", "jax", "--mesh", "data=2,model=2", "--stop-at", "2"],
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "scripts.train",
-         "--framework", "torch", "--mesh", "model=2", "--resume"],
-    ]  # fmt: skip
-    for cmd in runs:
-        proc = subprocess.run(cmd + common, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def command(framework, mesh):
+        n = 1
+        for part in mesh.split(","):
+            n *= int(part.split("=")[1])
+        launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n)]
+                  if framework == "torch" else [sys.executable])  # fmt: skip
+        return launch + ["-m", "scripts.train", "--framework", framework, "--mesh", mesh]
+
+    (first, second) = legs
+    runs = [command(*first) + ["--stop-at", "2"], command(*second) + ["--resume"]]
+    for cmd in runs:  # bytes, not text=True: a sampled "\r" must not become "\n"
+        proc = subprocess.run(cmd + common, env={**env, "PYTHONIOENCODING": "utf-8"}, capture_output=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
     with open(os.path.join(out, "log.jsonl")) as f:
-        steps = [json.loads(line)["step"] for line in f]
-    assert steps == list(range(4))
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert "val_loss" in records[-1]  # the default --eval-every ran at the last step
     with open(os.path.join(out, "latest.json")) as f:
         latest = json.load(f)
-    assert latest["step"] == 4 and latest["framework"] == "torch"
+    assert latest["step"] == 4 and latest["framework"] == second[0]
     assert sorted(os.listdir(os.path.join(out, "ckpt"))) == ["step_000002.safetensors", "step_000004.safetensors"]
 
 
@@ -361,3 +401,16 @@ def test_report_fails_a_wrong_shared_split_in_jax_on_its_collectives(monkeypatch
     collective = [r for r in rows if r.startswith("sharded_collectives")]
     assert len(collective) == 2 and all(" FAIL " in r and "gpt: " in r and "(Megatron: " in r for r in collective), rows
     assert all(" PASS " in r for r in rows if r.startswith("sharded_forward")), rows
+
+
+    printed = proc.stdout.decode().split("sample:\n", 1)[1].removesuffix("\n")
+    expected = _one_device_sample(os.path.join(out, latest["checkpoint"]), seq_len=32, n_new=200, seed=0)
+    assert printed == expected
+
+
+def test_workers_write_the_rows_parity_report_announces(jax_default, torch_doc):
+    """parity_report counts its rows before it runs (sharded workers return several each) from
+    ROWS_PER_MESH and ROWS_PER_RESUME; the workers must write exactly that many."""
+    assert len(jax_default["results"]) == sh.ROWS_PER_MESH * len(DEFAULT_JAX)
+    assert len(torch_doc("1x2")["results"]) == sh.ROWS_PER_MESH + sh.ROWS_PER_RESUME
+    assert len(torch_doc("2x2")["results"]) == sh.ROWS_PER_MESH

@@ -76,7 +76,7 @@ def test_user_data_trains_and_resumes_in_the_other_framework(tmp_path):
     weights, meta = _final_weights(out)
     assert meta["step"] == 6 and meta["framework"] == "jax"
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == list(range(6))
+    assert [r["step"] for r in lines] == list(range(1, 7))  # numbered as the checkpoints are
 
 
 def test_existing_run_is_not_overwritten_without_resume(tmp_path, capsys):
@@ -119,7 +119,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, mon
     out = tmp_path / "run"
     assert _run(out, "--steps", "6", "--ckpt-every", "2") == 3
     err = capsys.readouterr().err
-    assert "loss became nan at step 3" in err and "step_000002" in err
+    assert "loss became nan at step 4" in err and "step_000002" in err  # the 4th step (0-based index 3)
     _, meta = _final_weights(out)
     assert meta["step"] == 2  # the checkpoint before the NaN, intact (sha256 checked on load)
     assert T.RunDir(str(out)).read_latest()["step"] == 2

@@ -9,7 +9,8 @@
 (weight_conversion.save or a training checkpoint), or a transformers GPT-2 directory (config.json +
 model.safetensors). The project's 256-token models read the prompt as UTF-8 bytes; a GPT-2
 directory uses its own tokenizer files through transformers when they are there, otherwise give
---prompt-ids. Several --prompt (or --prompt-ids) make one left-padded batch.
+--prompt-ids; without a tokenizer the output is ids, the prompt's and the new ones apart:
+"464 3797 | 11 262 ...". Several --prompt (or --prompt-ids) make one left-padded batch.
 
 compare runs both twins on the same weights and seed, prints both continuations, whether they are
 identical (and, if not, whether the first difference is one float32 cannot decide), and the
@@ -28,6 +29,7 @@ from twin_common import GPTConfig
 from twin_common import data as D
 from twin_common.generation import Sampling, compare_generations
 from twin_common.precision import matched_precision
+from weight_conversion.preflight import check_fits
 
 
 class UsageError(Exception):
@@ -152,6 +154,13 @@ class Tokenizer:
             return D.decode(ids)
         return " ".join(map(str, ids))
 
+    def show(self, prompt: list[int], new: list[int]) -> str:
+        """One printed row: text reads on from its prompt; token ids (no tokenizer) would run
+        together, so a " | " marks where the prompt ends and the new ids begin."""
+        if self.hf is not None or self.bytes:
+            return self.decode(prompt) + self.decode(new)
+        return f"{self.decode(prompt)} | {self.decode(new)}".rstrip()
+
 
 def parse_ids(text: str) -> list[int]:
     try:
@@ -222,6 +231,7 @@ def main(argv=None) -> int:
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
         kind, path = resolve(args.checkpoint)
         cfg = load_config(kind, path)
+        check_fits(cfg, "gpt2" if kind == "gpt2" else kind, path)  # the headers, before any allocation
         tok = Tokenizer(kind, path, cfg)
         prompts = [tok.encode(p) for p in args.prompt] + [parse_ids(p) for p in args.prompt_ids]
         if not prompts:
@@ -238,7 +248,7 @@ def main(argv=None) -> int:
     for b, prompt in enumerate(prompts):
         for fw, gen in results.items():
             label = f"[{fw}] " if len(results) > 1 else ""
-            print(f"{label}{tok.decode(prompt)}{tok.decode(gen.tokens[b])}")
+            print(f"{label}{tok.show(prompt, gen.tokens[b])}")
     if args.framework == "compare":
         report = compare_generations(results["torch"], results["jax"], sampling)
         print(f"identical: {'yes' if report['identical'] else 'no'}")

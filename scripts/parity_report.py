@@ -47,7 +47,7 @@ from twin_common import BlockConfig
 from twin_common.precision import describe as describe_precision
 from twin_common.precision import matched_precision
 from twin_common.tolerances import TOLERANCES
-from weight_conversion.safetensors_io import write_atomic
+from weight_conversion.safetensors_io import cannot_write, write_atomic
 
 HEAD_COUNTS = (1, 4)  # the lesson's single head, and several heads
 
@@ -57,6 +57,11 @@ class Planned(NamedTuple):
     check: str  # the check's name in the table
     needs: tuple[str, ...]  # frameworks it needs: ("torch",), ("jax",) or both
     run: Callable[[], h.Result]
+    rows: int = 1  # rows it adds to the table (a sharded worker returns several)
+
+
+# The checks --skip-training leaves out (training_plan's), named in its help.
+TRAINING_CHECKS = ("grad", "train_step", "resume", "generate")
 
 
 def training_plan(dtypes, torch_devices=("cpu",), jax_devices=None):
@@ -154,9 +159,11 @@ def sharded_plan():
             tmp.cleanup()
 
     both = ("torch", "jax")
-    yield Planned("sharded jax 2x2, 1x4 (8 simulated CPU devices)", "sharded", both, jax_rows)
+    per_mesh, resume = sh.ROWS_PER_MESH, sh.ROWS_PER_RESUME
+    yield Planned("sharded jax 2x2, 1x4 (8 simulated CPU devices)", "sharded", both, jax_rows, 2 * per_mesh)
     for mesh in ("1x2", "2x2"):
-        yield Planned(f"sharded torch {mesh} (gloo processes)", "sharded", both, lambda m=mesh: torch_rows(m))
+        yield Planned(f"sharded torch {mesh} (gloo processes)", "sharded", both, lambda m=mesh: torch_rows(m),
+                      per_mesh + (resume if mesh == "1x2" else 0))  # fmt: skip
     yield Planned("sharded torch 2x2 vs jax 2x2", "sharded", both, cross)
 
 
@@ -314,7 +321,9 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", nargs="+", type=int, default=list(HEAD_COUNTS),
                         help="head counts at d_model 128 (default: 1 4)")
     parser.add_argument("--skip-training", action="store_true",
-                        help="forward, attention, golden, roundtrip and kv_cache checks only (no training, no generate rows)")
+                        help=f"leave out the checks that train ({', '.join(TRAINING_CHECKS)}) and the sharded rows; "
+                             f"forward, attn_fused_vs_math, golden, sublayers_vs_f64, loss_vs_f64, roundtrip, "
+                             f"kv_cache and hf_gpt2 still run")  # fmt: skip
     parser.add_argument("--skip-sharded", action="store_true",
                         help="leave out the sharded rows (subprocesses with simulated devices, ~1-3 min)")
     parser.add_argument("--only", nargs="+", metavar="CHECK",
@@ -324,6 +333,10 @@ def main(argv=None) -> int:
     bad_heads = [n for n in args.heads if n < 1 or 128 % n]
     if bad_heads:
         parser.error(f"--heads must divide d_model=128; got {bad_heads}")
+    why = args.json is not None and cannot_write(args.json, folder=False)
+    if why:  # found now, not after minutes of checks
+        print(f"error: --json {args.json}: {why}", file=sys.stderr)
+        return 2
 
     start = time.perf_counter()
     # A machine may have one framework only (a TPU VM has no torch): run what it can, list the rest.
@@ -356,7 +369,8 @@ def main(argv=None) -> int:
     elif not args.quiet and "float32" in args.dtypes:
         print(f"sharded rows skipped: {skipped_sharded}", file=sys.stderr)
     if not args.quiet:
-        print(f"running {len(checks)} checks; torch devices {torch_devices}, "
+        rows = sum(p.rows for p in checks)
+        print(f"running {len(checks)} checks ({rows} rows); torch devices {torch_devices}, "
               f"jax devices {list(jax_devices)}", file=sys.stderr)  # fmt: skip
     results = []
     for i, item in enumerate(checks, 1):

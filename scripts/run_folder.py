@@ -2,7 +2,8 @@
 
     runs/x/ckpt/step_NNNNNN.safetensors   weights + AdamW state (either framework loads it)
     runs/x/latest.json                    which checkpoint is current, with its content hash
-    runs/x/log.jsonl                      one line per step
+    runs/x/log.jsonl                      one line per step: "step" N is the N-th step done (1, 2,
+                                          ...), the number the console and step_NNNNNN use
 
 Checkpoints are written to a temporary name and renamed, and latest.json is replaced only after the
 checkpoint it names is complete, so a crash at any point leaves the last good checkpoint usable.
@@ -26,7 +27,7 @@ import re
 import stat
 
 from weight_conversion.checkpoint import MAX_STEP, load_checkpoint, read_checkpoint_metadata
-from weight_conversion.safetensors_io import HASH_KEY, CheckpointError, read_header, write_atomic
+from weight_conversion.safetensors_io import HASH_KEY, CheckpointError, cannot_write, read_header, write_atomic
 
 KEEP_CHECKPOINTS = 3
 FRAMEWORKS = ("torch", "jax")
@@ -72,6 +73,11 @@ class RunDir:
             return "--out is empty: give a folder for the run"
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             return f"--out {self.path} exists and is not a folder"
+        for folder in (self.path, self.ckpt):  # checked now, before anything is built or run
+            if folder == self.path or os.path.isdir(folder):
+                why = cannot_write(folder, folder=True)
+                if why:
+                    return f"--out {self.path}: {why}"
         return None
 
     def exists(self) -> bool:
@@ -206,18 +212,23 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
     def truncate_log(self, step: int) -> None:
-        """Drop log lines past ``step`` (written after the checkpoint a crash left us with)."""
+        """Drop log lines past ``step`` (written after the checkpoint a crash left us with). A log
+        written before steps were numbered from 1 (its first line is step 0: the step's 0-based
+        index) is renumbered on the way, so a resumed old run has one numbering throughout."""
         if not os.path.exists(self.log):
             return
-        keep = []
+        records = []
         with open(self.log) as f:
             for line in f:
                 try:
-                    if json.loads(line)["step"] < step:
-                        keep.append(line)
+                    record = json.loads(line)
+                    if _is_int(record["step"]):
+                        records.append(record)
                 except (ValueError, KeyError, TypeError):  # a line cut short by a crash
                     continue
-        write_atomic(self.log, "".join(keep).encode())
+        shift = 1 if records and records[0]["step"] == 0 else 0  # the old 0-based numbering
+        keep = [{**r, "step": r["step"] + shift} for r in records if r["step"] + shift <= step]
+        write_atomic(self.log, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 
 # ----------------------------------------------------------------------- the checkpoint's extras

@@ -6,7 +6,7 @@
 
 The default corpus is generated (see twin_common.data); --data PATH trains on your own text file.
 A run directory holds ckpt/step_NNNNNN.safetensors (weights + AdamW state, either framework can load
-it), latest.json (which checkpoint is current, with its hash) and log.jsonl (one line per step).
+it), latest.json (which checkpoint is current, with its hash) and log.jsonl (one line per step, numbered from 1 like the checkpoints).
 Checkpoints are written to a temporary name and renamed, and latest.json is replaced only after the
 checkpoint it names is complete, so a crash at any point leaves the last good checkpoint usable.
 A checkpoint written by one framework resumes in the other (--resume with the other --framework).
@@ -34,6 +34,7 @@ from twin_common.mesh import setup as mesh_setup
 from twin_common.precision import matched_precision
 from twin_common.train_config import TrainConfig
 from weight_conversion.checkpoint import read_checkpoint_metadata
+from weight_conversion.preflight import check_fits
 
 __all__ = ["MODELS", "RunDir", "RunError", "build_parser", "main", "train_one"]
 
@@ -56,6 +57,7 @@ def resume_plan(args, explicit: set[str], run: RunDir) -> dict:
     try:
         step, saved_cfg, extra = read_checkpoint_metadata(latest["path"], require_hash=not latest["legacy"])
         model_cfg = GPTConfig.from_dict(saved_cfg)
+        check_fits(model_cfg, "train", latest["path"])  # the tensor headers, before a model is built
     except (ValueError, TypeError) as e:
         raise RunError(f"checkpoint {latest['path']} cannot be resumed: {e}") from None
     problems = check_extra(extra, step)
@@ -167,6 +169,18 @@ def train_one(args, explicit: set[str] = frozenset()) -> int:
         return {"framework": args.framework, "train_config": tcfg.to_dict(), "data": info,
                 "rng": trainer.rng_state(), "loss": loss}  # fmt: skip
 
+    try:
+        return _loop(args, run, trainer, model_cfg, tcfg, train, val, stop, extra)
+    except KeyboardInterrupt:
+        last = run.read_latest()["path"] if run.exists() else "none yet"
+        print(f"interrupted at step {trainer.step_count}; last checkpoint: {last}; resume with: python -m "
+              f"scripts.train --framework {args.framework} --out {args.out} --resume", file=sys.stderr)  # fmt: skip
+        return 130
+
+
+def _loop(args, run, trainer, model_cfg, tcfg, train, val, stop, extra) -> int:
+    """Steps from the trainer's count to ``stop``: log, evaluate, checkpoint; then the last
+    checkpoint, the final losses and (at the end of the run) a sample."""
     baseline = D.unigram_loss(train)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     loss, last_val = float("nan"), None
@@ -180,11 +194,13 @@ def train_one(args, explicit: set[str] = frozenset()) -> int:
             if not math.isfinite(loss):
                 last = (run.read_latest()["path"] if run.exists() else
                         "none written yet (--resume starts the run over, taking the flags you give)")  # fmt: skip
-                print(f"error: loss became {loss} at step {step}; stopping without saving. "
+                print(f"error: loss became {loss} at step {trainer.step_count}; stopping without saving. "
                       f"Last good checkpoint: {last}", file=sys.stderr)  # fmt: skip
                 return 3
-            record = {"step": step, "loss": loss, "grad_norm": norm, "lr": tcfg.lr_at(step)}
             done = trainer.step_count
+            # "step": steps done, as the console and the checkpoint names count (the learning rate
+            # is the one this step used: the schedule's 0-based index)
+            record = {"step": done, "loss": loss, "grad_norm": norm, "lr": tcfg.lr_at(step)}
             if args.eval_every and (done % args.eval_every == 0 or done == tcfg.steps):
                 record["val_loss"] = last_val = val_loss(trainer, val, tcfg)
             run.append_log(record)
@@ -246,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chaos-reference", dest="chaos_reference", action="store_false",
                    help="compare: skip the third run (torch with the other attention path: the same "
                         "function, other rounding) that measures how fast training amplifies rounding")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads: torch's intra- and inter-op threads and OpenMP's (OMP_NUM_THREADS); "
+                        "N=1 also turns off XLA's multi-threaded Eigen on the CPU. Set before either "
+                        "framework starts (default: each framework's own)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -270,6 +290,8 @@ def flag_problems(args, explicit: set[str]) -> list[str]:
         problems.append(f"--warmup {args.warmup} is longer than the run (--steps {args.steps})")
     if args.stop_at is not None and (args.stop_at < 1 or (not args.resume and args.stop_at > args.steps)):
         problems.append(f"--stop-at must be between 1 and --steps={args.steps}, got {args.stop_at}")
+    if args.threads is not None and args.threads < 1:
+        problems.append(f"--threads must be >= 1, got {args.threads}")
     if args.data is not None and not args.data:
         problems.append("--data is empty: give the path of a text file")
     why = RunDir(args.out).problem_with_path()
@@ -295,6 +317,22 @@ def explicit_flags(argv) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
+def set_threads(n: int, framework: str) -> None:
+    """--threads: OpenMP's and XLA's through the environment (read when the libraries start, so
+    before either framework is imported), torch's through its own calls."""
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
+    if n == 1 and framework != "torch":
+        # XLA's CPU backend has no thread-count flag; this is the one-thread setting it has.
+        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), flags]))
+    if framework != "jax":
+        import torch
+
+        torch.set_num_threads(n)
+        with contextlib.suppress(RuntimeError):  # refused once inter-op work has started
+            torch.set_num_interop_threads(n)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     explicit = explicit_flags(sys.argv[1:] if argv is None else argv)
@@ -302,6 +340,8 @@ def main(argv=None) -> int:
     if problems:
         print("error: " + "\nerror: ".join(problems), file=sys.stderr)
         return 2
+    if args.threads is not None:
+        set_threads(args.threads, args.framework)
     precision = contextlib.nullcontext() if args.fast_matmul else matched_precision()
     try:
         with precision:
@@ -309,6 +349,9 @@ def main(argv=None) -> int:
     except (RunError, ValueError) as e:  # ConversionError and CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started, or in compare (which keeps no checkpoints)
+        print(f"interrupted; {args.out} holds no new checkpoint from this run", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -69,6 +69,14 @@ class CausalSelfAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(cfg.d_head)  # pinned, not left to SDPA's default
         self.kv_cache: KVCache | None = None  # set by GPT.setup_cache for generation
 
+    def local_heads(self) -> int:
+        """The heads this process computes: nh, or nh / model when q_proj is a tensor-parallel
+        DTensor split by output features (torch_impl/sharding.py). JAX needs no such count: its
+        arrays keep their global shapes and XLA splits the cache as it splits the projections."""
+        w = self.q_proj.weight
+        local = w.to_local() if hasattr(w, "to_local") else w
+        return local.shape[0] // self.cfg.d_head
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -119,9 +127,10 @@ class KVCache(nn.Module):
     written in place at the current slot. Buffers (not parameters, not in the state_dict) so that
     .to() moves them and CUDA graphs see fixed addresses."""
 
-    def __init__(self, batch: int, length: int, cfg: BlockConfig, dtype: torch.dtype, device):
+    def __init__(self, batch: int, length: int, cfg: BlockConfig, dtype: torch.dtype, device, heads: int | None = None):
+        """``heads``: the heads this process computes (nh, or nh / model tensor-parallel)."""
         super().__init__()
-        shape = (batch, cfg.n_heads, length, cfg.d_head)  # (B, nh, L, hs), the attention's layout
+        shape = (batch, heads or cfg.n_heads, length, cfg.d_head)  # (B, nh, L, hs), the attention's layout
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 

@@ -67,11 +67,11 @@ class GPT(nn.Module):
         (same buffers across generate calls: no reallocation, no recompilation)."""
         w = self.wte.weight
         for block in self.blocks:
-            cache = block.attn.kv_cache
-            if cache is None or cache.k.shape[0] != batch or cache.k.shape[2] != length or (
+            cache, heads = block.attn.kv_cache, block.attn.local_heads()
+            if cache is None or cache.k.shape[:3] != (batch, heads, length) or (
                 cache.k.dtype != w.dtype or cache.k.device != w.device
             ):
-                block.attn.kv_cache = KVCache(batch, length, block.cfg, w.dtype, w.device)
+                block.attn.kv_cache = KVCache(batch, length, block.cfg, w.dtype, w.device, heads)
 
     def clear_cache(self) -> None:
         for block in self.blocks:

@@ -143,6 +143,10 @@ class ShardedTrainer(Trainer):
         self.timeout_s = _timeout_s
         shard_model(model, device_mesh)
         super().__init__(model, tcfg, compile=compile, bf16=bf16)
+        # The parameters AdamW holds, by name. FSDP2 swaps a module's registered parameters for
+        # unsharded copies during a forward and, after one without backward (evaluation, sampling),
+        # leaves the copies registered: named_parameters() then no longer finds AdamW's state.
+        self.params = dict(model.named_parameters())
 
     def _mean_over_data(self, value: torch.Tensor) -> torch.Tensor:
         """A per-process mean (over this process's rows) -> the global batch's mean."""
@@ -178,7 +182,7 @@ class ShardedTrainer(Trainer):
         from weight_conversion.optim_state import MOMENTS
         from weight_conversion.torch_side import tensor_to_numpy
 
-        params = dict(self.model.named_parameters())
+        params = self.params
         weights, optim, steps = {}, {}, set()
         for spec in table_for(self.model.cfg):
             p = params[spec.torch_key]
@@ -202,7 +206,7 @@ class ShardedTrainer(Trainer):
         table = table_for(self.model.cfg)
         check(weights, table, str(next(self.model.parameters()).dtype).removeprefix("torch."))
         check_optim_arrays(self.model.cfg, optim)
-        params = dict(self.model.named_parameters())
+        params = self.params
         with torch.no_grad():
             for spec in table:
                 p = params[spec.torch_key]

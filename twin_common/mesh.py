@@ -75,7 +75,8 @@ def mesh_problems(mesh: MeshShape, cfg, *, n_devices: int | None = None, batch_s
             problems.append(f"mesh {mesh} needs {mesh.size} processes, but the world size is {n_devices} "
                             f"(launch with torchrun --nproc-per-node {mesh.size})")
         elif mesh.size > n_devices:
-            problems.append(f"mesh {mesh} needs {mesh.size} devices, but only {n_devices} are visible")
+            problems.append(f"mesh {mesh} needs {mesh.size} devices, but only {n_devices} are visible (on a CPU, "
+                            f"simulate them: XLA_FLAGS=--xla_force_host_platform_device_count={mesh.size})")
     if cfg.n_heads % m:  # heads stay whole: each device computes n_heads / model of them
         problems.append(f"n_heads={cfg.n_heads} is not divisible by model={m} (heads cannot be split)")
     d_hidden = cfg.mlp_ratio * cfg.d_model

@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from twin_common.config import RUNTIME_FIELDS, config_differences
-from weight_conversion.safetensors_io import CheckpointError, load_file, save_file
+from weight_conversion.safetensors_io import CheckpointError, load_file, read_header, save_file
 from weight_conversion.table import ParamSpec, Transform, block_table, table_for
 from weight_conversion.validate import FLOAT_DTYPES, ConversionError
 
@@ -95,6 +95,15 @@ def load(model, path: str | os.PathLike) -> dict[str, str]:
     RUNTIME_FIELDS, such as attn_impl or dropout, may differ); otherwise a ConversionError names each
     differing field. Returns the file's metadata.
     """
+    from weight_conversion.checkpoint import FORMAT
+
+    if read_header(path).metadata.get("format") == FORMAT:  # before its arrays are read
+        raise ConversionError(
+            [f"{os.fspath(path)} is a training checkpoint (weights and AdamW moments), not a weights file: "
+             f"read it with weight_conversion.checkpoint.load_checkpoint(path, cfg) and wc.import_(model, "
+             f"weights), or turn it into one with python -m scripts.export"],
+            f"checkpoint {os.fspath(path)}",
+        )  # fmt: skip
     arrays, metadata = load_file(path, mapped=True)  # import_ copies them into the model
     problems = []
     if "config" in metadata:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -239,26 +240,44 @@ def import_hf_gpt2(model, directory: str | os.PathLike, *, verify: bool = False)
 # ------------------------------------------------------------------------------------------ write
 
 
-def export_hf_gpt2(model, directory: str | os.PathLike) -> None:
+# Files that hold a model's weights in a transformers folder (any framework, single or sharded):
+# a stale one beside the new model.safetensors would be read instead of it, or with it.
+STALE_WEIGHTS = re.compile(r"(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)"
+                           r"|(model\.safetensors|pytorch_model\.bin|tf_model\.h5|flax_model\.msgpack)\.index\.json")
+
+
+def export_hf_gpt2(model, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Write ``directory/config.json`` and ``directory/model.safetensors`` (GPT2LMHeadModel's keys,
     "transformer." prefix, tied head omitted as transformers saves it) from either twin.
 
     A new directory is built under a temporary name and renamed into place, so it appears complete
-    or not at all; into an existing directory each file is replaced atomically, weights first."""
+    or not at all; an empty one is filled. A folder that holds anything is refused (ValueError)
+    unless ``overwrite``: then each file is replaced atomically, weights first, and every other
+    weights file (old shards and their index, other frameworks' weights) is removed afterwards, so
+    no loader can pick up the old model; other files (a tokenizer) are kept."""
     from weight_conversion import export
     from weight_conversion.verify import param_dtype
 
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{directory} exists and is not a directory")
+    present = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    if present and not overwrite:
+        shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+        raise ValueError(f"{directory} is not empty ({shown}); pass overwrite=True (scripts.export: --overwrite) "
+                         f"to replace the model in it, or choose an empty folder")  # fmt: skip
     doc = {**hf_config_from_gpt(model.cfg), "dtype": param_dtype(model)}  # from_pretrained keeps this dtype
     cfg_doc = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
     arrays = to_hf(export(model), hf_gpt2_table(model.cfg))
     arrays = {(k if k == "lm_head.weight" else PREFIX + k): v for k, v in arrays.items()}
-    directory = os.path.abspath(os.fspath(directory))
     if os.path.isdir(directory):
         save_file(arrays, os.path.join(directory, WEIGHTS_FILE), {"format": "pt"})  # transformers needs "pt"
         write_atomic(os.path.join(directory, CONFIG_FILE), cfg_doc)
+        # indexes first: a crash in between leaves model.safetensors, which loaders prefer anyway
+        for name in sorted(present, key=lambda n: not n.endswith(".index.json")):
+            if name != WEIGHTS_FILE and STALE_WEIGHTS.fullmatch(name):
+                os.unlink(os.path.join(directory, name))
         return
-    if os.path.exists(directory):
-        raise ValueError(f"{directory} exists and is not a directory")
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", suffix=".tmp", dir=parent)

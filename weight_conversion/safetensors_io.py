@@ -428,3 +428,28 @@ def _file_mode(path: str) -> int:
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+def cannot_write(path: str | os.PathLike, *, folder: bool) -> str | None:
+    """Why ``path`` (a folder to fill, or a file to write when ``folder`` is False) cannot be
+    written, or None; checked by writing (and at once deleting) an unnamed probe file where the
+    first write would go, so permissions, read-only mounts and root's privileges all count as they
+    will. Nothing is created."""
+    path = os.path.abspath(os.fspath(path))
+    if folder and os.path.isdir(path):
+        where = path
+    elif not folder and os.path.isdir(path):
+        return f"{path} is a folder"
+    else:
+        where = os.path.dirname(path)
+        while not os.path.lexists(where):  # the nearest existing folder, where makedirs starts
+            where = os.path.dirname(where)
+        if not os.path.isdir(where):
+            return f"{where} is not a folder"
+    try:
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as e:
+        return f"{where} is not writable ({e.strerror or e})"
+    if not folder and os.path.lexists(path) and not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    return None
