@@ -17,12 +17,12 @@ import pytest
 import jax_impl.block as jb
 import weight_conversion.flax_side
 import weight_conversion.torch_side
-from parity_tests import harness as h
-from parity_tests.bf16_bugs import BF16_BUGS, NOT_SEEN
-from parity_tests.pitfalls import flax_layer_norm
+from twin_parity import harness as h
+from twin_parity.bf16_bugs import BF16_BUGS, NOT_SEEN
+from twin_parity.pitfalls import flax_layer_norm
 from scripts import parity_report
 from twin_common import BlockConfig
-from weight_conversion.table import Transform, table_for
+from twin_common.params import Transform, table_for
 
 CFG = BlockConfig.lesson(n_heads=4)
 

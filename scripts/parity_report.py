@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from parity_tests import harness as h
+from twin_parity import harness as h
 from twin_common import BlockConfig
 from twin_common.precision import describe as describe_precision
 from twin_common.precision import matched_precision
@@ -57,7 +57,7 @@ class Planned(NamedTuple):
 
 def training_plan(dtypes):
     """Rows for gradients, 20-step AdamW trajectories and cross-framework resume (CPU, float32/64)."""
-    from parity_tests import train_harness as th
+    from twin_parity import train_harness as th
 
     both = ("torch", "jax")
     for model in ("block", "gpt"):
@@ -71,7 +71,7 @@ def training_plan(dtypes):
                           lambda r=direction: th.trajectory_check(r)[0])
         for first in ("torch", "jax"):
             yield Planned(f"resume 10 + 10 steps from {first}", "resume", both, lambda f=first: th.resume_check(f))
-        from parity_tests import generate_harness as gh
+        from twin_parity import generate_harness as gh
 
         for sampling in gh.SAMPLINGS:  # needs a trained model: trains one (80 steps) first
             yield Planned(f"generate torch<->jax {sampling}", "generate", both, lambda s=sampling: gh.generate_check(s))
@@ -81,7 +81,7 @@ def hf_plan(dtypes):
     """Rows against transformers' GPT-2 (CPU, float32): each twin's logits vs GPT2LMHeadModel's."""
     if "float32" not in dtypes:
         return
-    from parity_tests import hf_harness as hh
+    from twin_parity import hf_harness as hh
 
     for fw in ("torch", "jax"):
         for n in (1, 3):
@@ -110,7 +110,7 @@ def sharded_plan():
     checkpoint), torch workers on 1x2 (with the resume) and 2x2, and sharded torch vs sharded JAX."""
     import tempfile
 
-    from parity_tests import sharded_harness as sh
+    from twin_parity import sharded_harness as sh
 
     tmp = tempfile.TemporaryDirectory()
     init, ckpt = os.path.join(tmp.name, "init.safetensors"), os.path.join(tmp.name, "resume.safetensors")
@@ -185,7 +185,7 @@ def plan(dtypes, heads, torch_devices, jax_devices):
         for start in ("torch", "jax"):
             yield Planned(f"roundtrip {start} {dtype}", "roundtrip", both,
                           lambda d=dtype, s=start: h.roundtrip_check(cfg, d, s, via_file=True))
-    from parity_tests import generate_harness as gh
+    from twin_parity import generate_harness as gh
 
     for dtype in (d for d in dtypes if d in ("float32", "float64")):
         for framework in ("torch", "jax"):
