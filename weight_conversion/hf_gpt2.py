@@ -205,7 +205,8 @@ def import_hf_gpt2(model, directory: str | os.PathLike, *, verify: bool = False)
     the twin against the float64 NumPy GPT-2 of ``twin_common.reference`` on a probe input; on a
     divergence the old weights are restored and a VerificationError names the first sublayer."""
     from weight_conversion import import_
-    from weight_conversion.verify import apply_verified, param_dtype
+    from weight_conversion.verify import apply_verified
+    from twin_common.frameworks import model_dtype
 
     where = os.fspath(directory)
     hf_cfg = gpt2_config_from_dir(directory)
@@ -216,7 +217,7 @@ def import_hf_gpt2(model, directory: str | os.PathLike, *, verify: bool = False)
         raise ConversionError(problems, f"transformers GPT-2 directory {where}")
     table = hf_gpt2_table(model.cfg)
     arrays, problems = read_hf_arrays(directory, model.cfg)
-    dtype = param_dtype(model)
+    dtype = model_dtype(model)
     problems += find_problems_by_shape(
         arrays, {s.hf_key: s.hf_shape for s in table}, dtype, layout="transformers layout"
     )
@@ -243,9 +244,9 @@ def export_hf_gpt2(model, directory: str | os.PathLike) -> None:
     A new directory is built under a temporary name and renamed into place, so it appears complete
     or not at all; into an existing directory each file is replaced atomically, weights first."""
     from weight_conversion import export
-    from weight_conversion.verify import param_dtype
+    from twin_common.frameworks import model_dtype
 
-    doc = {**hf_config_from_gpt(model.cfg), "dtype": param_dtype(model)}  # from_pretrained keeps this dtype
+    doc = {**hf_config_from_gpt(model.cfg), "dtype": model_dtype(model)}  # from_pretrained keeps this dtype
     cfg_doc = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
     arrays = to_hf(export(model), hf_gpt2_table(model.cfg))
     arrays = {(k if k == "lm_head.weight" else PREFIX + k): v for k, v in arrays.items()}
