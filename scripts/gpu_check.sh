@@ -14,8 +14,8 @@ report=${PIPESTATUS[0]}
 python -m pytest -q -p no:cacheprovider -ra >"$out/pytest.txt" 2>&1
 tests=$?
 # GPT-2 124M shape, bf16, batch 16 x 1024: torch eager and torch.compile, then jax.jit with cuDNN attention
-timeout 300 python -m scripts.bench_train --model gpt2 --bf16 --steps 10 --warmup 3 2>&1 | tee "$out/bench_gpt2.txt" | tail -n 6
-timeout 150 python -m scripts.bench_train --model gpt2 --bf16 --steps 10 --warmup 3 --modes jax-jit \
+timeout 300 python -m scripts.bench_train --model gpt2-padded --bf16 --steps 10 --warmup 3 2>&1 | tee "$out/bench_gpt2.txt" | tail -n 6
+timeout 150 python -m scripts.bench_train --model gpt2-padded --bf16 --steps 10 --warmup 3 --modes jax-jit \
     --jax-attention cudnn 2>&1 | tee "$out/bench_gpt2_cudnn.txt" | tail -n 4
 timeout 120 python -m scripts.bench_train --steps 20 2>&1 | tee "$out/bench_small.txt" | tail -n 6
 tail -n 25 "$out/pytest.txt"
