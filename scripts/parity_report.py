@@ -43,7 +43,7 @@ from twin_common import BlockConfig
 from twin_common.precision import describe as describe_precision
 from twin_common.precision import matched_precision
 from twin_common.tolerances import TOLERANCES
-from weight_conversion.safetensors_io import write_atomic
+from twin_common.files import write_atomic
 
 HEAD_COUNTS = (1, 4)  # the lesson's single head, and several heads
 
