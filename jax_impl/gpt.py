@@ -1,4 +1,5 @@
-"""GPT in Flax NNX: embeddings, a stack of the Pre-LN blocks, final LayerNorm, LM head.
+"""GPT in Flax NNX: embeddings, a stack of the Pre-LN blocks, final norm, LM head (GPT-2's or, by
+the config's switches, the Llama family's: no position table, rotary positions inside the blocks).
 Twin of torch_impl/gpt.py. Shapes: B batch, T sequence, C d_model, V vocabulary.
 """
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jax_impl.block import Block, KVCache, dtype_name, layer_norm
+from jax_impl.block import Block, KVCache, dtype_name, norm
 from twin_common import GPTConfig
 from twin_common.checks import check_token_input
 
@@ -29,11 +30,13 @@ class GPT(nnx.Module):
         self.cfg = cfg
         bc = cfg.block_config()
         self.wte = embedding(cfg.vocab_size, cfg.d_model, cfg, param_dtype=param_dtype, rngs=rngs)
-        self.wpe = embedding(cfg.block_size, cfg.d_model, cfg, param_dtype=param_dtype, rngs=rngs)
+        # rotary positions (cfg.pos == "rope") live in the attention: no position table
+        wpe = cfg.pos == "learned"
+        self.wpe = embedding(cfg.block_size, cfg.d_model, cfg, param_dtype=param_dtype, rngs=rngs) if wpe else None
         self.drop = nnx.Dropout(cfg.resid_dropout, rngs=rngs)
         # NNX needs nnx.List (flax >= 0.12) to see modules inside a list; torch needs nn.ModuleList.
         self.blocks = nnx.List([Block(bc, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.ln_f = layer_norm(bc, param_dtype=param_dtype, rngs=rngs)
+        self.ln_f = norm(bc, param_dtype=param_dtype, rngs=rngs)
         if cfg.tie_embeddings:
             self.lm_head = None  # logits use wte's matrix: one array, one checkpoint key
         else:
@@ -51,11 +54,7 @@ class GPT(nnx.Module):
         check_token_input(tuple(idx.shape), dtype_name(idx.dtype), self.cfg, value_range)
         B, T = idx.shape
         pos = jnp.arange(T)
-        # nnx.Embed fixes its output dtype when built (dtype=None means "the param dtype then"), so
-        # once the parameters are cast (bf16 compute) it would still return float32: follow the
-        # parameters explicitly. torch's nn.Embedding returns the weight's current dtype.
-        x = (self.wte(idx) + self.wpe(pos)).astype(self.wte.embedding[...].dtype)
-        x = self.drop(x)  # (B, T, C)
+        x = self.embed(idx, pos)  # (B, T, C)
         inter = {"embed": x}
         for i, block in enumerate(self.blocks):
             x = block(x)
@@ -65,6 +64,16 @@ class GPT(nnx.Module):
         logits = self.head(x)  # (B, T, V)
         inter["logits"] = logits
         return (logits, inter) if return_intermediates else logits
+
+    def embed(self, idx: jax.Array, pos: jax.Array) -> jax.Array:
+        """Token embeddings plus, with learned positions, those of ``pos`` (T,) or (B, T)."""
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        # nnx.Embed fixes its output dtype when built (dtype=None means "the param dtype then"), so
+        # once the parameters are cast (bf16 compute) it would still return float32: follow the
+        # parameters explicitly. torch's nn.Embedding returns the weight's current dtype.
+        return self.drop(x.astype(self.wte.embedding[...].dtype))
 
     def head(self, x: jax.Array) -> jax.Array:
         if self.lm_head is None:
@@ -104,10 +113,9 @@ class GPT(nnx.Module):
         # all-masked row would give NaN, and NaN * 0 would leak into the real rows' outputs)
         mask = (keys <= slots[:, None]) & ((keys >= start[:, None, None]) | (keys == slots[:, None]))
         # mask: (B, T, L)
-        x = (self.wte(idx) + self.wpe(pos)).astype(self.wte.embedding[...].dtype)  # see __call__
-        x = self.drop(x)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, t=t, mask=mask[:, None])  # mask (B, 1, T, L): the same for every head
+        x = self.embed(idx, pos)  # (B, T, C)
+        for block in self.blocks:  # mask (B, 1, T, L): the same for every head
+            x = block(x, t=t, mask=mask[:, None], pos=pos)
         x = jax.lax.dynamic_index_in_dim(x, last, axis=1, keepdims=False)  # (B, C)
         return self.head(self.ln_f(x))  # (B, V)
 

@@ -1,4 +1,5 @@
-"""GPT in PyTorch: embeddings, a stack of the Pre-LN blocks, final LayerNorm, LM head.
+"""GPT in PyTorch: embeddings, a stack of the Pre-LN blocks, final norm, LM head (GPT-2's or, by
+the config's switches, the Llama family's: no position table, rotary positions inside the blocks).
 Twin of jax_impl/gpt.py. Shapes: B batch, T sequence, C d_model, V vocabulary.
 """
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_impl.block import Block, KVCache, dtype_name, layer_norm
+from torch_impl.block import Block, KVCache, dtype_name, norm
 from twin_common import GPTConfig
 from twin_common.checks import check_token_input
 
@@ -26,10 +27,11 @@ class GPT(nn.Module):
         self.cfg = cfg
         bc = cfg.block_config()
         self.wte = embedding(cfg.vocab_size, cfg.d_model, cfg)
-        self.wpe = embedding(cfg.block_size, cfg.d_model, cfg)
+        # rotary positions (cfg.pos == "rope") live in the attention: no position table
+        self.wpe = embedding(cfg.block_size, cfg.d_model, cfg) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.resid_dropout)
         self.blocks = nn.ModuleList([Block(bc) for _ in range(cfg.n_layers)])
-        self.ln_f = layer_norm(bc)
+        self.ln_f = norm(bc)
         if cfg.tie_embeddings:
             self.lm_head = None  # logits use wte's matrix: one tensor, one state_dict key
         else:
@@ -44,7 +46,7 @@ class GPT(nn.Module):
         check_token_input(tuple(idx.shape), dtype_name(idx.dtype), self.cfg, value_range)
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.embed(idx, pos)  # (B, T, C)
         inter = {"embed": x}
         for i, block in enumerate(self.blocks):
             x = block(x)
@@ -54,6 +56,13 @@ class GPT(nn.Module):
         logits = self.head(x)  # (B, T, V)
         inter["logits"] = logits
         return (logits, inter) if return_intermediates else logits
+
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Token embeddings plus, with learned positions, those of ``pos`` (T,) or (B, T)."""
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        return self.drop(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
@@ -93,9 +102,9 @@ class GPT(nn.Module):
         # all-masked row would give NaN, and NaN * 0 would leak into the real rows' outputs)
         mask = (keys <= slots[:, None]) & ((keys >= start[:, None, None]) | (keys == slots[:, None]))
         # mask: (B, T, L)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, t=t, mask=mask[:, None])  # mask (B, 1, T, L): the same for every head
+        x = self.embed(idx, pos)  # (B, T, C)
+        for block in self.blocks:  # mask (B, 1, T, L): the same for every head
+            x = block(x, t=t, mask=mask[:, None], pos=pos)
         x = torch.index_select(x, 1, last.reshape(1))[:, 0]  # (B, C)
         return self.head(self.ln_f(x))  # (B, V)
 

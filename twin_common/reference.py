@@ -5,6 +5,13 @@ vectors are made from and that low-precision results are judged against.
 so it shares no code with either twin. ``gpt2_forward`` reads a whole GPT-2 in transformers' own
 layout (fused ``c_attn``, Conv1D's (in, out) weights), so it shares no code with the conversion
 table either: it is the independent source that an imported checkpoint is verified against.
+``llama_forward`` does the same for a transformers Llama: its arrays and its config.json as they
+are, nothing read through a twin's config or a table.
+
+The rotary and grouped-query pieces are written unlike the twins on purpose: the half-split layout
+as transformers writes it (q * cos + rotate_half(q) * sin, the angles repeated over both halves),
+the interleaved one as Meta's Llama does (pairs as complex numbers times e^(i * angle)), and the
+key/value head of query head h picked by index (h // group) rather than by a repeat.
 """
 
 from __future__ import annotations
@@ -25,6 +32,41 @@ def _linear(x: np.ndarray, w: Mapping[str, np.ndarray], name: str) -> np.ndarray
     return y if bias is None else y + np.asarray(bias, np.float64)
 
 
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * np.asarray(weight, np.float64)
+
+
+def _norm(x: np.ndarray, w: Mapping[str, np.ndarray], name: str, cfg) -> np.ndarray:
+    if cfg.norm == "rmsnorm":
+        return _rms_norm(x, w[name + ".weight"], cfg.ln_eps)
+    return _layer_norm(x, w, name, cfg.ln_eps)
+
+
+def _angles(T: int, hs: int, theta: float) -> np.ndarray:
+    """(T, hs / 2) rotation angles: position p times theta^(-2i / hs)."""
+    return np.arange(T, dtype=np.float64)[:, None] * theta ** (-np.arange(0, hs, 2, dtype=np.float64) / hs)
+
+
+def _rope_half(x: np.ndarray, theta: float) -> np.ndarray:
+    """transformers' form on (B, nh, T, hs): x * cos + rotate_half(x) * sin, angles repeated."""
+    T, hs = x.shape[-2:]
+    emb = np.concatenate([_angles(T, hs, theta)] * 2, axis=-1)  # (T, hs)
+    rotated = np.concatenate([-x[..., hs // 2 :], x[..., : hs // 2]], axis=-1)
+    return x * np.cos(emb) + rotated * np.sin(emb)
+
+
+def _rope_interleaved(x: np.ndarray, theta: float) -> np.ndarray:
+    """Meta's form on (B, nh, T, hs): features (2i, 2i + 1) as one complex number, times e^(i a)."""
+    T, hs = x.shape[-2:]
+    z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * _angles(T, hs, theta))
+    return np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
+
+
+def _grouped(k: np.ndarray, n_heads: int) -> np.ndarray:
+    """(B, nkv, T, hs) -> (B, nh, T, hs): query head h reads key/value head h // (nh / nkv)."""
+    return k[:, np.arange(n_heads) // (n_heads // k.shape[1])]
+
+
 def _layer_norm(x: np.ndarray, w: Mapping[str, np.ndarray], name: str, eps: float) -> np.ndarray:
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)  # biased, two-pass: what torch computes
@@ -43,9 +85,19 @@ def _attention(x: np.ndarray, w: Mapping[str, np.ndarray], cfg: BlockConfig) -> 
     B, T, C = x.shape
     nh, hs = cfg.n_heads, cfg.d_head
     q, k, v = (
-        _linear(x, w, f"attn.{p}_proj").reshape(B, T, nh, hs).transpose(0, 2, 1, 3) for p in "qkv"
-    )  # (B, nh, T, hs)
-    return _linear(_causal_attention(q, k, v), w, "attn.out_proj")
+        _linear(x, w, f"attn.{p}_proj").reshape(B, T, -1, hs).transpose(0, 2, 1, 3) for p in "qkv"
+    )  # (B, nh or nkv, T, hs)
+    if cfg.pos == "rope":
+        rope = _rope_half if cfg.rope_layout == "half" else _rope_interleaved
+        q, k = rope(q, cfg.rope_theta), rope(k, cfg.rope_theta)
+    return _linear(_causal_attention(q, _grouped(k, nh), _grouped(v, nh)), w, "attn.out_proj")
+
+
+def _mlp(x: np.ndarray, w: Mapping[str, np.ndarray], cfg: BlockConfig) -> np.ndarray:
+    if cfg.mlp == "swiglu":
+        gate = _linear(x, w, "mlp.gate_proj")
+        return _linear(gate / (1.0 + np.exp(-gate)) * _linear(x, w, "mlp.up_proj"), w, "mlp.down_proj")
+    return _linear(_gelu(_linear(x, w, "mlp.fc_in"), cfg.gelu_approximate), w, "mlp.fc_out")
 
 
 def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -64,11 +116,11 @@ def block_forward(
 ) -> dict[str, np.ndarray]:
     """All intermediates of the block (eval mode) in float64, keyed like the twins' intermediates."""
     x = np.asarray(x, np.float64)
-    ln_1 = _layer_norm(x, weights, "ln_1", cfg.ln_eps)
+    ln_1 = _norm(x, weights, "ln_1", cfg)
     attn = _attention(ln_1, weights, cfg)
     resid_1 = x + attn
-    ln_2 = _layer_norm(resid_1, weights, "ln_2", cfg.ln_eps)
-    mlp = _linear(_gelu(_linear(ln_2, weights, "mlp.fc_in"), cfg.gelu_approximate), weights, "mlp.fc_out")
+    ln_2 = _norm(resid_1, weights, "ln_2", cfg)
+    mlp = _mlp(ln_2, weights, cfg)
     out = resid_1 + mlp
     return dict(ln_1=ln_1, attn=attn, resid_1=resid_1, ln_2=ln_2, mlp=mlp, out=out)
 
@@ -81,13 +133,12 @@ def block_sublayers(
     the error is that sublayer's alone, not the sum of everything before it."""
     x = np.asarray(x, np.float64)
     f64 = {k: np.asarray(v, np.float64) for k, v in inter.items()}
-    mlp_in = _linear(f64["ln_2"], weights, "mlp.fc_in")
     return dict(
-        ln_1=_layer_norm(x, weights, "ln_1", cfg.ln_eps),
+        ln_1=_norm(x, weights, "ln_1", cfg),
         attn=_attention(f64["ln_1"], weights, cfg),
         resid_1=x + f64["attn"],
-        ln_2=_layer_norm(f64["resid_1"], weights, "ln_2", cfg.ln_eps),
-        mlp=_linear(_gelu(mlp_in, cfg.gelu_approximate), weights, "mlp.fc_out"),
+        ln_2=_norm(f64["resid_1"], weights, "ln_2", cfg),
+        mlp=_mlp(f64["ln_2"], weights, cfg),
         out=f64["resid_1"] + f64["mlp"],
     )
 
@@ -132,4 +183,47 @@ def gpt2_forward(weights: Mapping[str, np.ndarray], idx: np.ndarray, cfg: GPTCon
     out["ln_f"] = _layer_norm(x, weights, "ln_f", cfg.ln_eps)
     head = weights["wte.weight"] if cfg.tie_embeddings else weights["lm_head.weight"]  # (V, C) both
     out["logits"] = out["ln_f"] @ np.asarray(head, np.float64).T
+    return out
+
+
+# ------------------------------------------------------------------------------ Llama, HF layout
+
+
+def llama_forward(weights: Mapping[str, np.ndarray], idx: np.ndarray, config: Mapping) -> dict[str, np.ndarray]:
+    """transformers' LlamaForCausalLM computed straight from its arrays (keys without the "model."
+    prefix) and its config.json (a dict, read here with LlamaConfig's defaults), in float64, eval
+    mode. Intermediates are keyed like the twins' ("embed", "blocks.i.ln_1", ..., "logits")."""
+    idx = np.asarray(idx)
+    B, T = idx.shape
+    C, nh = config["hidden_size"], config["num_attention_heads"]
+    hs = config.get("head_dim") or C // nh
+    eps = config.get("rms_norm_eps", 1e-6)  # LlamaConfig's default
+    rope = config.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))  # transformers 5, then 4.x
+    f64 = lambda key: np.asarray(weights[key], np.float64)  # noqa: E731
+
+    def proj(x, name):
+        y = x @ f64(name + ".weight").T  # nn.Linear: (out, in)
+        return y + f64(name + ".bias") if name + ".bias" in weights else y
+
+    x = f64("embed_tokens.weight")[idx]
+    out = {"embed": x}
+    for i in range(config["num_hidden_layers"]):
+        p = f"layers.{i}."
+        ln_1 = _rms_norm(x, weights[p + "input_layernorm.weight"], eps)
+        q, k, v = (
+            proj(ln_1, p + f"self_attn.{n}_proj").reshape(B, T, -1, hs).transpose(0, 2, 1, 3) for n in "qkv"
+        )  # (B, nh or nkv, T, hs)
+        q, k = _rope_half(q, theta), _rope_half(k, theta)
+        attn = proj(_causal_attention(q, _grouped(k, nh), _grouped(v, nh)), p + "self_attn.o_proj")
+        resid_1 = x + attn
+        ln_2 = _rms_norm(resid_1, weights[p + "post_attention_layernorm.weight"], eps)
+        gate = proj(ln_2, p + "mlp.gate_proj")
+        mlp = proj(gate / (1.0 + np.exp(-gate)) * proj(ln_2, p + "mlp.up_proj"), p + "mlp.down_proj")
+        x = resid_1 + mlp
+        for name, value in dict(ln_1=ln_1, attn=attn, resid_1=resid_1, ln_2=ln_2, mlp=mlp, out=x).items():
+            out[f"blocks.{i}.{name}"] = value
+    out["ln_f"] = _rms_norm(x, weights["norm.weight"], eps)
+    tied = config.get("tie_word_embeddings", False)  # LlamaConfig's default
+    out["logits"] = out["ln_f"] @ f64("embed_tokens.weight" if tied else "lm_head.weight").T
     return out
