@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jax_impl.gpt import GPT, loss_fn
+from jax_impl.gpt import GPT, loss_fn, model_loss
 from twin_common.checks import check_token_input
 from twin_common.train_config import TrainConfig
 from weight_conversion.flax_side import flax_path
@@ -83,7 +83,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, compute_dtype=No
             # Fresh Variables for the RNG state inside this trace: NNX refuses to mutate (advance a
             # dropout RNG) a Variable that was created at an outer trace level.
             model = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, rest))
-            loss = loss_fn(model(x), y)
+            loss = model_loss(model, x, y)  # + the router losses of an MoE model
             return loss, nnx.state(model, nnx.Not(nnx.Param))  # dropout RNG state moves on
 
         (loss, rest_out), grads = jax.value_and_grad(loss_of, has_aux=True)(params)

@@ -218,8 +218,12 @@ class Block(nn.Module):
         self.ln_1 = norm(cfg)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = norm(cfg)
-        mlp = MLP if cfg.mlp == "gelu" else SwiGLU
-        self.mlp = mlp(cfg)
+        if cfg.mlp == "moe":
+            from torch_impl.moe import MoE  # moe.py builds on this module's linear()
+
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = (MLP if cfg.mlp == "gelu" else SwiGLU)(cfg)
 
     def forward(self, x: torch.Tensor, return_intermediates: bool = False, t=None, mask=None, pos=None):
         """``t``, ``mask``, ``pos``: a cached step, rotary position ids (see CausalSelfAttention.forward)."""
@@ -229,8 +233,14 @@ class Block(nn.Module):
         attn = self.attn(ln_1, t, mask, pos)
         resid_1 = x + attn
         ln_2 = self.ln_2(resid_1)
-        mlp = self.mlp(ln_2)
+        if self.cfg.mlp == "moe":  # the router's logits feed the training loss (and the routing checks)
+            mlp, router_logits = self.mlp(ln_2, return_router_logits=True)
+        else:
+            mlp, router_logits = self.mlp(ln_2), None
         out = resid_1 + mlp
         if return_intermediates:
-            return out, dict(ln_1=ln_1, attn=attn, resid_1=resid_1, ln_2=ln_2, mlp=mlp, out=out)
+            inter = dict(ln_1=ln_1, attn=attn, resid_1=resid_1, ln_2=ln_2, mlp=mlp, out=out)
+            if router_logits is not None:
+                inter["router_logits"] = router_logits  # (B, T, E), float32
+            return out, inter
         return out

@@ -49,7 +49,11 @@ class GPT(nn.Module):
         x = self.embed(idx, pos)  # (B, T, C)
         inter = {"embed": x}
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            if return_intermediates and self.cfg.mlp == "moe":
+                x, block_inter = block(x, return_intermediates=True)
+                inter[f"blocks.{i}.router_logits"] = block_inter["router_logits"]  # (B, T, E)
+            else:
+                x = block(x)
             inter[f"blocks.{i}"] = x
         x = self.ln_f(x)
         inter["ln_f"] = x
@@ -113,6 +117,19 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over every position, computed in at least float32."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> f32; f64 stays
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def model_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The training loss: loss_fn, plus with an MoE MLP the router's load-balancing loss and z-loss
+    (torch_impl/moe.py) times their config coefficients."""
+    cfg = model.cfg
+    if cfg.mlp != "moe":
+        return loss_fn(model(idx), targets)
+    from torch_impl.moe import router_losses
+
+    logits, inter = model(idx, return_intermediates=True)
+    balance, z_loss = router_losses([inter[f"blocks.{i}.router_logits"] for i in range(cfg.n_layers)], cfg)
+    return loss_fn(logits, targets) + cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z_loss
 
 
 def generate(model: GPT, prompt: list[int], n_new: int, temperature: float = 1.0, seed: int = 0) -> list[int]:

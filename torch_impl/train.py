@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from torch_impl.gpt import GPT, loss_fn
+from torch_impl.gpt import GPT, loss_fn, model_loss
 from twin_common.checks import check_token_input
 from twin_common.train_config import TrainConfig
 from weight_conversion.table import table_for
@@ -59,8 +59,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     autocast = autocast_dtype is not None
     with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast):
-        logits = model(x)
-    loss = loss_fn(logits, y)
+        loss = model_loss(model, x, y)  # loss_fn computes in float32 under autocast too
     loss.backward()
     # scales by grad_clip / (norm + 1e-6) when norm > grad_clip; the JAX twin does the same
     norm = clip_grad_norm(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)

@@ -18,6 +18,11 @@ falls back on a library default (docs/guide.md measures what each one costs):
 
 The Llama-family switches (``norm``, ``pos``, ``n_kv_heads``, ``mlp``, the per-place biases) default
 to GPT-2's block, so a config or checkpoint written before they existed describes the same model.
+
+The Mixture-of-Experts switch (``mlp="moe"``, twin_common/moe.py describes the routing rules) pins
+what libraries leave to their top-k, their softmax placement and their loss code: ties go to the
+lower expert index, the router runs in float32 whatever the compute dtype, ``norm_topk_prob`` says
+whether the k chosen weights are renormalised (Mixtral: yes), ``capacity_factor`` None is dropless.
 """
 
 from __future__ import annotations
@@ -32,11 +37,14 @@ GeluApprox = Literal["none", "tanh"]
 Norm = Literal["layernorm", "rmsnorm"]
 Pos = Literal["learned", "rope"]
 RopeLayout = Literal["half", "interleaved"]
-Mlp = Literal["gelu", "swiglu"]
+Mlp = Literal["gelu", "swiglu", "moe"]
 
 # Fields that change how a block runs or is initialised, not the function its weights compute: a
 # checkpoint may be loaded into a config that differs from its own only in these.
-RUNTIME_FIELDS = frozenset({"attn_impl", "attn_dropout", "resid_dropout", "init_std"})
+RUNTIME_FIELDS = frozenset({
+    "attn_impl", "attn_dropout", "resid_dropout", "init_std",
+    "router_aux_loss_coef", "router_z_loss_coef",  # training-loss weights, not the forward
+})  # fmt: skip
 
 
 def _is_real(value) -> bool:
@@ -48,7 +56,8 @@ def _is_real(value) -> bool:
 ADDED_FIELDS = {
     "norm": "layernorm", "pos": "learned", "rope_theta": 10000.0, "rope_layout": "half",
     "n_kv_heads": None, "mlp": "gelu", "mlp_hidden": None, "attn_bias": None, "mlp_bias": None,
-    "norm_bias": None,
+    "norm_bias": None, "n_experts": None, "top_k": 2, "norm_topk_prob": True, "capacity_factor": None,
+    "router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.0,
 }  # fmt: skip
 
 
@@ -103,6 +112,13 @@ class BlockConfig(DictConfig):
     attn_bias: bool | None = None  # biases of q/k/v/out projections; None: ``bias``
     mlp_bias: bool | None = None  # biases of the MLP's Linears; None: ``bias``
     norm_bias: bool | None = None  # LayerNorm bias; None: ``bias`` (an RMSNorm has none)
+    # ---- Mixture-of-Experts MLP (mlp="moe"; twin_common/moe.py): SwiGLU experts, token-choice top-k
+    n_experts: int | None = None  # experts per MoE layer (Mixtral 8); required with mlp="moe"
+    top_k: int = 2  # experts each token is routed to (Mixtral 2)
+    norm_topk_prob: bool = True  # renormalise the k chosen softmax weights to sum 1 (Mixtral: yes)
+    capacity_factor: float | None = None  # None: dropless; c: each expert takes ceil(c * k * N / E) of N tokens
+    router_aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch 0.01; Mixtral's config 0.001)
+    router_z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE 0.001; Mixtral none)
 
     def __post_init__(self) -> None:
         _check_block_fields(self, "BlockConfig")
@@ -142,7 +158,7 @@ class BlockConfig(DictConfig):
 
 _CHOICES = {
     "gelu_approximate": ("none", "tanh"), "attn_impl": ("fused", "math"), "norm": ("layernorm", "rmsnorm"),
-    "pos": ("learned", "rope"), "rope_layout": ("half", "interleaved"), "mlp": ("gelu", "swiglu"),
+    "pos": ("learned", "rope"), "rope_layout": ("half", "interleaved"), "mlp": ("gelu", "swiglu", "moe"),
 }  # fmt: skip
 
 
@@ -187,8 +203,38 @@ def _check_block_fields(cfg, kind: str) -> None:
         )
     if not problems and cfg.pos == "rope" and cfg.d_head % 2:
         problems.append(f"rotary positions rotate pairs of features: head size {cfg.d_head} is odd")
+    problems += _moe_problems(cfg)
     if problems:
         raise ValueError(f"invalid {kind}: " + "; ".join(problems))
+
+
+def _moe_problems(cfg) -> list[str]:
+    """The checks of the Mixture-of-Experts fields: required and consistent with mlp="moe", inert
+    (at their defaults) otherwise, so a dense config cannot carry a routing setting it ignores."""
+    problems = []
+    if cfg.mlp != "moe":
+        if cfg.n_experts is not None or cfg.capacity_factor is not None:
+            problems.append(f"n_experts / capacity_factor are set but mlp={cfg.mlp!r} (only mlp='moe' routes)")
+        return problems
+    E, k = cfg.n_experts, cfg.top_k
+    if not isinstance(E, int) or isinstance(E, bool) or E < 1:
+        problems.append(f"mlp='moe' needs n_experts, a positive int; got {E!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        problems.append(f"top_k must be a positive int, got {k!r}")
+    elif isinstance(E, int) and not isinstance(E, bool) and k > E:
+        problems.append(f"top_k={k} is more than n_experts={E}")
+    if not isinstance(cfg.norm_topk_prob, bool):
+        problems.append(f"norm_topk_prob must be a bool, got {cfg.norm_topk_prob!r}")
+    c = cfg.capacity_factor
+    if c is not None and (not _is_real(c) or not 0.0 < c < math.inf):
+        problems.append(f"capacity_factor must be None (dropless) or a finite number > 0, got {c!r}")
+    for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+        v = getattr(cfg, name)
+        if not _is_real(v) or not 0.0 <= v < math.inf:
+            problems.append(f"{name} must be a finite number >= 0, got {v!r}")
+    if cfg.has_mlp_bias:
+        problems.append("mlp='moe' experts and router have no biases (as Mixtral): set mlp_bias=False or bias=False")
+    return problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +265,12 @@ class GPTConfig(DictConfig):
     attn_bias: bool | None = None
     mlp_bias: bool | None = None
     norm_bias: bool | None = None
+    n_experts: int | None = None
+    top_k: int = 2
+    norm_topk_prob: bool = True
+    capacity_factor: float | None = None
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -263,6 +315,31 @@ class GPTConfig(DictConfig):
         4 query heads sharing 2 key/value heads, SwiGLU hidden width 176 (about 8/3 * 64, as Llama)."""
         return cls.llama(vocab_size=256, block_size=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
                          mlp_hidden=176)  # fmt: skip
+
+    @classmethod
+    def mixtral(cls, **fields) -> "GPTConfig":
+        """Mixtral's block (Jiang et al. 2024, as transformers' MixtralConfig computes it): a Llama
+        block whose MLP is routed, 8 SwiGLU experts, top-2, the two weights renormalised, dropless,
+        rope_theta 1e6. ``fields`` give the shape (and may override any switch)."""
+        moe = dict(mlp="moe", n_experts=8, top_k=2, norm_topk_prob=True, capacity_factor=None,
+                   rope_theta=1e6, router_aux_loss_coef=0.001)  # fmt: skip
+        return cls.llama(**{**moe, **fields})
+
+    @classmethod
+    def moe_tiny(cls) -> "GPTConfig":
+        """A byte-level Mixture-of-Experts model for the tests and the training script: llama_tiny's
+        attention, 4 SwiGLU experts of width 64, top-2, dropless, load-balancing and z-loss on."""
+        return cls.mixtral(vocab_size=256, block_size=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                           mlp_hidden=64, n_experts=4, top_k=2, rope_theta=10000.0,
+                           router_aux_loss_coef=0.01, router_z_loss_coef=0.001)  # fmt: skip
+
+    @classmethod
+    def mixtral_small(cls) -> "GPTConfig":
+        """Mixtral 8x7B's proportions at a benchmark size: 8 experts, top-2, expert width 3.5 x
+        d_model (14336 / 4096), 4 query heads per key/value head (32 / 8), vocabulary 32000,
+        rope_theta 1e6, RMSNorm eps 1e-5; 8 layers of width 512 (Mixtral: 32 of 4096). Random weights."""
+        return cls.mixtral(vocab_size=32000, block_size=1024, n_layers=8, d_model=512, n_heads=8, n_kv_heads=2,
+                           mlp_hidden=1792)  # fmt: skip
 
     @classmethod
     def smollm2_135m(cls) -> "GPTConfig":

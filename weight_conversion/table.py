@@ -53,11 +53,17 @@ class Split(enum.Enum):
     REPLICATED = "replicated"  # every device holds all of it
     OUT_FEATURES = "out"  # torch weight (out, in): dim 0; Flax kernel (in, out): dim 1; bias: dim 0
     IN_FEATURES = "in"  # torch weight (out, in): dim 1; Flax kernel (in, out): dim 0
+    # Stacked MoE experts (E, ...): whole experts per device, dim 0 in both layouts. Expert
+    # parallelism: each device runs its own experts on every token and one all-reduce adds the
+    # partial outputs (twin_common/moe.py: the dense-masked dispatch makes that a plain sum).
+    EXPERTS = "experts"
 
     def torch_dim(self, spec: "ParamSpec") -> int | None:
         """The torch-layout dimension split across ``model`` (None: replicated)."""
         if self is Split.REPLICATED:
             return None
+        if self is Split.EXPERTS:
+            return 0
         if len(spec.torch_shape) == 1:  # a bias: it has only output features
             if self is Split.IN_FEATURES:
                 raise ValueError(f"{spec.torch_key}: a bias has no input features to split")
@@ -95,7 +101,7 @@ class ParamSpec:
 
 
 ID, T = Transform.IDENTITY, Transform.TRANSPOSE
-REP, OUT, IN = Split.REPLICATED, Split.OUT_FEATURES, Split.IN_FEATURES
+REP, OUT, IN, EXP = Split.REPLICATED, Split.OUT_FEATURES, Split.IN_FEATURES, Split.EXPERTS
 
 
 def block_table(
@@ -123,6 +129,16 @@ def block_table(
         ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"),  T,         (C, H),      IN,    0),
         ("mlp.down_proj.bias",   ("mlp", "down_proj", "bias"),    ID,        (C,),        REP,   0),
     )  # fmt: skip
+    if cfg.mlp == "moe":  # twin_common/moe.py: a float32 router and E stacked SwiGLU experts
+        E = cfg.n_experts
+        mlp = (
+            # the experts keep nn.Linear's (out, in) per expert on both sides: no transform
+            # torch key                Flax path                              transform  torch shape  split  rope
+            ("mlp.router.weight",      ("mlp", "router", "kernel"),          T,         (E, C),      REP,   0),
+            ("mlp.experts.gate_proj",  ("mlp", "experts", "gate_proj"),      ID,        (E, H, C),   EXP,   0),
+            ("mlp.experts.up_proj",    ("mlp", "experts", "up_proj"),        ID,        (E, H, C),   EXP,   0),
+            ("mlp.experts.down_proj",  ("mlp", "experts", "down_proj"),      ID,        (E, C, H),   EXP,   0),
+        )  # fmt: skip
     rows = (
         # split over `model`: OUT keeps whole heads per device (k and v: whole key/value heads, so
         # model must divide nkv); IN leaves partial sums that one all-reduce completes, so that
