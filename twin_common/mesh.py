@@ -78,7 +78,10 @@ def mesh_problems(mesh: MeshShape, cfg, *, n_devices: int | None = None, batch_s
             problems.append(f"mesh {mesh} needs {mesh.size} devices, but only {n_devices} are visible")
     if cfg.n_heads % m:  # heads stay whole: each device computes n_heads / model of them
         problems.append(f"n_heads={cfg.n_heads} is not divisible by model={m} (heads cannot be split)")
-    d_hidden = cfg.mlp_ratio * cfg.d_model
+    if cfg.kv_heads != cfg.n_heads and cfg.kv_heads % m:  # and so do key/value heads, with their group
+        problems.append(f"n_kv_heads={cfg.kv_heads} is not divisible by model={m} (key/value heads cannot "
+                        f"be split: each device holds whole key/value heads with their query heads)")
+    d_hidden = cfg.d_hidden
     if d_hidden % m:
         problems.append(f"MLP hidden width {d_hidden} is not divisible by model={m}")
     if cfg.d_model % m:
