@@ -66,8 +66,9 @@ def uncached_logits(framework: str, model, rows: list[list[int]]) -> np.ndarray:
     return np.asarray(forward(state, jnp.asarray(batch, jnp.int32)))
 
 
-def kv_cache_check(framework: str, dtype: str, attn_impl: str = "fused", seed: int = 0) -> h.Result:
-    cfg = GPTConfig(**{**CACHE_CFG.to_dict(), "attn_impl": attn_impl})
+def kv_cache_check(framework: str, dtype: str, attn_impl: str = "fused", seed: int = 0,
+                   base: GPTConfig = CACHE_CFG) -> h.Result:  # fmt: skip
+    cfg = GPTConfig(**{**base.to_dict(), "attn_impl": attn_impl})
     n_new = cfg.block_size - max(len(p) for p in CACHE_PROMPTS)  # up to the last position
     with matched_precision(x64=dtype == "float64"):
         if framework == "torch":  # one framework only: a machine without the other runs this check too
@@ -94,7 +95,7 @@ def kv_cache_check(framework: str, dtype: str, attn_impl: str = "fused", seed: i
         direction=f"{framework}: cached vs uncached", max_abs_err=worst,
         max_rel_err=worst / peak if peak else 0.0, tolerance=tol, passed=worst <= tol,
         first_divergence=None if worst <= tol else where,
-        config={"model": "gpt", "attn_impl": attn_impl, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
+        config={"model": "gpt" if cfg.mlp != "moe" else "moe", "attn_impl": attn_impl, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
                 "prompt_lengths": [len(p) for p in CACHE_PROMPTS], "new_tokens": n_new},
     )  # fmt: skip
 

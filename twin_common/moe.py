@@ -128,15 +128,22 @@ def routing_tolerance(dtype: str, logits: np.ndarray) -> float:
     return tolerance_for(dtype).bound(np.asarray(logits, np.float64))
 
 
+def chosen_experts(logits: np.ndarray, top_k: int) -> np.ndarray:
+    """(N, k) the experts each token chooses, as a sorted set, by the tie rule (stable sort)."""
+    z = np.asarray(logits, np.float64).reshape(-1, logits.shape[-1])
+    return np.sort(np.argsort(-z, axis=-1, kind="stable")[:, :top_k], axis=-1)
+
+
 def compare_routing(a: np.ndarray, b: np.ndarray, top_k: int, dtype: str) -> dict:
     """Two twins' router logits (..., E) of the same tokens: which tokens chose different experts
-    (as sets), and whether each such token was undecidable (margin under the dtype's tolerance in
-    either twin). Returns counts: {"tokens", "differ", "undecidable", "differ_decidable"}."""
+    (as sets), and which were undecidable: a margin under the dtype's tolerance in either twin,
+    except when both twins' logits of the token are bit for bit equal (then even an exact tie is
+    decided, by the tie rule, and the twins must agree). Returns counts: {"tokens", "differ",
+    "undecidable", "differ_decidable"}; a correct pair of twins has differ_decidable 0."""
     tol = routing_tolerance(dtype, a)
-    ca, cb = (np.sort(np.argsort(-np.asarray(g, np.float64).reshape(-1, g.shape[-1]), -1, kind="stable")[:, :top_k], -1)
-              for g in (a, b))  # fmt: skip
-    differ = np.any(ca != cb, axis=-1)
-    undecidable = (routing_margin(a, top_k) < tol) | (routing_margin(b, top_k) < tol)
+    differ = np.any(chosen_experts(a, top_k) != chosen_experts(b, top_k), axis=-1)
+    same_logits = np.all(np.asarray(a).reshape(differ.size, -1) == np.asarray(b).reshape(differ.size, -1), axis=-1)
+    undecidable = ((routing_margin(a, top_k) < tol) | (routing_margin(b, top_k) < tol)) & ~same_logits
     return {"tokens": int(differ.size), "differ": int(differ.sum()), "undecidable": int(undecidable.sum()),
             "differ_decidable": int((differ & ~undecidable).sum())}  # fmt: skip
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from twin_common.config import BlockConfig, GPTConfig
+from twin_common.moe import moe_forward, moe_layer_weights
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -94,6 +95,8 @@ def _attention(x: np.ndarray, w: Mapping[str, np.ndarray], cfg: BlockConfig) -> 
 
 
 def _mlp(x: np.ndarray, w: Mapping[str, np.ndarray], cfg: BlockConfig) -> np.ndarray:
+    if cfg.mlp == "moe":  # a gather dispatch and a stable sort (twin_common/moe.py), unlike the twins
+        return moe_forward(x, *moe_layer_weights(w, "mlp."), cfg)["mlp"]
     if cfg.mlp == "swiglu":
         gate = _linear(x, w, "mlp.gate_proj")
         return _linear(gate / (1.0 + np.exp(-gate)) * _linear(x, w, "mlp.up_proj"), w, "mlp.down_proj")
