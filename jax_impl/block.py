@@ -109,6 +109,13 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, layout: str) -> jax.Arr
     return jnp.stack([y1, y2], axis=-1).reshape(x.shape)  # (y1_0, y2_0, y1_1, y2_1, ...)
 
 
+def repeat_kv(k: jax.Array, group: int) -> jax.Array:
+    """(B, L, nkv, hs) -> (B, L, nh, hs): key/value head j serves the `group` neighbouring query
+    heads j * group .. (j + 1) * group - 1, so each is repeated in place (kv0 kv0 kv1 kv1), not the
+    whole set tiled (kv0 kv1 kv0 kv1), which loads without an error and pairs the wrong heads."""
+    return jnp.repeat(k, group, axis=2)
+
+
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: BlockConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -148,8 +155,8 @@ class CausalSelfAttention(nnx.Module):
         if t is not None:
             k, v = self.kv_cache.update(k, v, t)  # (B, L, nkv, hs) each: the cache holds nkv heads
         group = self.cfg.n_heads // self.cfg.kv_heads
-        if group > 1:  # each key/value head serves `group` neighbouring query heads: repeat, not tile
-            k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # (B, L, nh, hs)
+        if group > 1:
+            k, v = repeat_kv(k, group), repeat_kv(v, group)  # (B, L, nh, hs)
         # Two things force the math path where torch's SDPA needs none: jax.nn.dot_product_attention
         # has no dropout, and it computes its softmax in float32 even for float64 inputs (measured
         # 1.6e-7 max abs against a float64 softmax), so float64 would lose its precision.

@@ -25,6 +25,12 @@ def embedding(n: int, d: int, cfg: GPTConfig, *, param_dtype, rngs: nnx.Rngs) ->
     )  # fmt: skip
 
 
+def position_ids(slots: jax.Array, start: jax.Array) -> jax.Array:
+    """(B, T) position of each token: its cache slot minus its row's first real slot (left padding
+    shifts a short prompt right; its first token is still position 0). Padding slots get 0."""
+    return jnp.maximum(slots[None, :] - start[:, None], 0)
+
+
 class GPT(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -111,7 +117,7 @@ class GPT(nnx.Module):
         B, T = idx.shape
         L = self.blocks[0].attn.kv_cache.k[...].shape[1]
         slots = t + jnp.arange(T)  # (T,) cache slot of each query
-        pos = jnp.maximum(slots[None, :] - start[:, None], 0)  # (B, T) position ids; padding: 0
+        pos = position_ids(slots, start)  # (B, T)
         keys = jnp.arange(L)  # (L,) cache slot of each key
         # query at slot q sees keys start[b] <= s <= q; a padding query sees itself only (an
         # all-masked row would give NaN, and NaN * 0 would leak into the real rows' outputs)

@@ -90,6 +90,13 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -
     return torch.stack([y1, y2], dim=-1).flatten(-2)  # (y1_0, y2_0, y1_1, y2_1, ...)
 
 
+def repeat_kv(k: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, nkv, L, hs) -> (B, nh, L, hs): key/value head j serves the `group` neighbouring query
+    heads j * group .. (j + 1) * group - 1, so each is repeated in place (kv0 kv0 kv1 kv1), not the
+    whole set tiled (kv0 kv1 kv0 kv1), which loads without an error and pairs the wrong heads."""
+    return k.repeat_interleave(group, dim=1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: BlockConfig):
         super().__init__()
@@ -128,8 +135,8 @@ class CausalSelfAttention(nn.Module):
         if t is not None:
             k, v = self.kv_cache.update(k, v, t)  # (B, nkv, L, hs) each: the cache holds nkv heads
         group = self.cfg.n_heads // self.cfg.kv_heads
-        if group > 1:  # each key/value head serves `group` neighbouring query heads: repeat, not tile
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, nh, L, hs)
+        if group > 1:
+            k, v = repeat_kv(k, group), repeat_kv(v, group)  # (B, nh, L, hs)
         if self.cfg.attn_impl == "fused":
             y = F.scaled_dot_product_attention(
                 q, k, v,

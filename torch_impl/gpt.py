@@ -21,6 +21,12 @@ def embedding(n: int, d: int, cfg: GPTConfig) -> nn.Embedding:
     return layer
 
 
+def position_ids(slots: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token: its cache slot minus its row's first real slot (left padding
+    shifts a short prompt right; its first token is still position 0). Padding slots get 0."""
+    return (slots[None, :] - start[:, None]).clamp(min=0)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -100,7 +106,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         L = self.blocks[0].attn.kv_cache.k.shape[2]
         slots = t + torch.arange(T, device=idx.device)  # (T,) cache slot of each query
-        pos = (slots[None, :] - start[:, None]).clamp(min=0)  # (B, T) position ids; padding: 0
+        pos = position_ids(slots, start)  # (B, T)
         keys = torch.arange(L, device=idx.device)  # (L,) cache slot of each key
         # query at slot q sees keys start[b] <= s <= q; a padding query sees itself only (an
         # all-masked row would give NaN, and NaN * 0 would leak into the real rows' outputs)
