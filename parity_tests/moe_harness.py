@@ -116,3 +116,131 @@ def checks(skip_training: bool = False) -> list:
         out += [(f"moe kv_cache {f}", lambda f=f: kv_cache_check(f)) for f in ("torch", "jax")]
         out += [(f"moe generate {s}", lambda s=s: generate_check(s)) for s in gh.SAMPLINGS]
     return out
+
+
+# ------------------------------------------------------------------------------ transformers' Mixtral
+
+# Odd sizes, so that no two dimensions coincide and a swapped one fails on shape or values.
+MIXTRAL_VOCAB, MIXTRAL_POSITIONS, MIXTRAL_WIDTH, MIXTRAL_HEADS, MIXTRAL_HIDDEN = 97, 24, 36, 6, 58
+
+
+def mixtral_config(n_experts: int = 5, top_k: int = 2, n_kv_heads: int = 2, n_layers: int = 2, **overrides):
+    """A random small MixtralConfig: rms_norm_eps 1e-5, rope_theta 5000 (not MixtralConfig's 1e6)."""
+    from transformers import MixtralConfig
+
+    fields = dict(
+        vocab_size=MIXTRAL_VOCAB, max_position_embeddings=MIXTRAL_POSITIONS, hidden_size=MIXTRAL_WIDTH,
+        intermediate_size=MIXTRAL_HIDDEN, num_hidden_layers=n_layers, num_attention_heads=MIXTRAL_HEADS,
+        num_key_value_heads=n_kv_heads, num_local_experts=n_experts, num_experts_per_tok=top_k,
+        rms_norm_eps=1e-5, rope_parameters={"rope_theta": 5000.0, "rope_type": "default"},
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    fields.update(overrides)
+    config = MixtralConfig(**fields)
+    config._attn_implementation = "eager"
+    # transformers 5 runs the experts through torch's grouped_mm by default, which refuses these odd
+    # sizes (its strides must be multiples of 16 bytes); "eager" is its per-expert loop
+    config._experts_implementation = "eager"
+    return config
+
+
+def new_mixtral(config, seed: int = 0):
+    """MixtralForCausalLM with every parameter perturbed by normal(0, 0.5) (its init leaves the
+    norms at 1; the large router perturbation spreads the router logits so that routing matters)."""
+    import torch
+    from transformers import MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 0.5 if "gate.weight" in name else h.PERTURB_STD
+            p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def mixtral_outputs(model, idx: np.ndarray) -> dict:
+    """transformers' logits, per-layer router logits and load_balancing_loss_func aux loss."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.from_numpy(idx), output_router_logits=True)
+    return {"logits": out.logits.numpy().astype(np.float64), "aux": float(out.aux_loss),
+            "router_logits": [r.numpy().astype(np.float64) for r in out.router_logits]}  # fmt: skip
+
+
+def twin_outputs(model, idx: np.ndarray) -> dict:
+    """A twin's logits, per-layer router logits and load-balancing loss (its router_losses)."""
+    cfg = model.cfg
+    if hasattr(model, "training") and not callable(getattr(model, "eval", None)):
+        raise TypeError("not a twin")
+    try:
+        import torch
+
+        is_torch = isinstance(model, torch.nn.Module)
+    except ImportError:
+        is_torch = False
+    if is_torch:
+        from torch_impl.moe import router_losses
+
+        with torch.no_grad():
+            logits, inter = model(torch.from_numpy(idx), return_intermediates=True)
+        to_np = lambda t: t.numpy().astype(np.float64)  # noqa: E731
+    else:
+        import jax.numpy as jnp
+
+        from jax_impl.moe import router_losses
+
+        logits, inter = model(jnp.asarray(idx, jnp.int32), return_intermediates=True)
+        to_np = lambda t: np.asarray(t).astype(np.float64)  # noqa: E731
+    routers = [inter[f"blocks.{i}.router_logits"] for i in range(cfg.n_layers)]
+    aux = float(router_losses(routers, cfg)[0])
+    return {"logits": to_np(logits), "aux": aux,
+            "router_logits": [to_np(r).reshape(-1, cfg.n_experts) for r in routers]}  # fmt: skip
+
+
+def hf_mixtral_pair(framework: str, seed: int = 0, verify: bool = True, **config_overrides):
+    """(transformers outputs, twin outputs, twin): a random Mixtral saved with save_pretrained,
+    imported into a twin with verify, both run on the same (2, 24) token ids."""
+    import tempfile
+
+    from transformers.utils import logging
+
+    from weight_conversion.hf_mixtral import import_hf_mixtral, mixtral_config_from_dir
+
+    hf = new_mixtral(mixtral_config(**config_overrides), seed)
+    idx = np.random.default_rng(seed).integers(0, MIXTRAL_VOCAB, (2, MIXTRAL_POSITIONS)).astype(np.int64)
+    logging.disable_progress_bar()
+    with matched_precision(), tempfile.TemporaryDirectory() as directory:
+        hf.save_pretrained(directory)
+        cfg = mixtral_config_from_dir(directory)
+        twin = th.new_torch_gpt(cfg, "float32", 0) if framework == "torch" else th.new_flax_gpt(cfg, "float32", 0)
+        import_hf_mixtral(twin, directory, verify=verify)
+        if framework == "jax":
+            twin.eval()
+        return mixtral_outputs(hf, idx), twin_outputs(twin, idx), twin
+
+
+def hf_mixtral_check(framework: str, seed: int = 0, **config_overrides) -> h.Result:
+    """transformers -> twin, float32: logits (<= 1e-5), router logits (<= 1e-5), the top-k
+    choices of every token (identical, but for undecidable tokens) and the aux loss (<= 1e-6
+    relative, both float32 means of the same counts)."""
+    ref, got, twin = hf_mixtral_pair(framework, seed, **config_overrides)
+    tol = tolerance_for("float32").atol
+    err = float(np.max(np.abs(ref["logits"] - got["logits"])))
+    router_err = max(float(np.max(np.abs(a - b))) for a, b in zip(ref["router_logits"], got["router_logits"]))
+    counts = [compare_routing(a, b, twin.cfg.top_k, "float32") for a, b in zip(ref["router_logits"], got["router_logits"])]
+    differ = sum(c["differ_decidable"] for c in counts)
+    aux_rel = abs(ref["aux"] - got["aux"]) / abs(ref["aux"])
+    problems = [name for name, bad in (("logits", not err <= tol), ("router_logits", not router_err <= tol),
+                                       ("routing", differ > 0), ("aux_loss", not aux_rel <= 1e-6)) if bad]  # fmt: skip
+    peak = float(np.max(np.abs(ref["logits"])))
+    return h.Result(
+        "hf_mixtral", [2, MIXTRAL_POSITIONS], "float32", "cpu" if framework == "torch" else None,
+        "cpu" if framework == "jax" else None, f"transformers->{framework}", err, err / peak, tol,
+        not problems, problems[0] if problems else None,
+        f"router logits {router_err:.1e}, aux loss relative {aux_rel:.1e}, {differ} tokens routed otherwise",
+        config={"model": f"mixtral E={twin.cfg.n_experts} k={twin.cfg.top_k}", "router_logits_err": router_err,
+                "aux_rel_err": aux_rel, "undecidable": sum(c["undecidable"] for c in counts)},
+    )  # fmt: skip

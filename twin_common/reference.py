@@ -17,6 +17,7 @@ key/value head of query head h picked by index (h // group) rather than by a rep
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Mapping
 
 import numpy as np
@@ -221,8 +222,12 @@ def llama_forward(weights: Mapping[str, np.ndarray], idx: np.ndarray, config: Ma
         attn = proj(_causal_attention(q, _grouped(k, nh), _grouped(v, nh)), p + "self_attn.o_proj")
         resid_1 = x + attn
         ln_2 = _rms_norm(resid_1, weights[p + "post_attention_layernorm.weight"], eps)
-        gate = proj(ln_2, p + "mlp.gate_proj")
-        mlp = proj(gate / (1.0 + np.exp(-gate)) * proj(ln_2, p + "mlp.up_proj"), p + "mlp.down_proj")
+        if config.get("model_type") == "mixtral":
+            moe = _mixtral_moe(ln_2, weights, p + "block_sparse_moe.", config)
+            mlp, out[f"blocks.{i}.router_logits"] = moe["mlp"], moe["router_logits"]
+        else:
+            gate = proj(ln_2, p + "mlp.gate_proj")
+            mlp = proj(gate / (1.0 + np.exp(-gate)) * proj(ln_2, p + "mlp.up_proj"), p + "mlp.down_proj")
         x = resid_1 + mlp
         for name, value in dict(ln_1=ln_1, attn=attn, resid_1=resid_1, ln_2=ln_2, mlp=mlp, out=x).items():
             out[f"blocks.{i}.{name}"] = value
@@ -230,3 +235,13 @@ def llama_forward(weights: Mapping[str, np.ndarray], idx: np.ndarray, config: Ma
     tied = config.get("tie_word_embeddings", False)  # LlamaConfig's default
     out["logits"] = out["ln_f"] @ f64("embed_tokens.weight" if tied else "lm_head.weight").T
     return out
+
+
+def _mixtral_moe(x: np.ndarray, weights: Mapping[str, np.ndarray], p: str, config: Mapping) -> dict[str, np.ndarray]:
+    """Mixtral's sparse MoE block from its per-expert arrays (``{p}experts.{e}.w1 / w3 / w2.weight``,
+    ``{p}gate.weight``) and config.json (MixtralConfig's defaults: 8 experts, top-2): softmax over
+    all experts, top-k, renormalised, dropless (twin_common.moe.moe_forward's gather dispatch)."""
+    E, k = config.get("num_local_experts", 8), config.get("num_experts_per_tok", 2)
+    stack = lambda w: np.stack([np.asarray(weights[f"{p}experts.{e}.{w}.weight"], np.float64) for e in range(E)])  # noqa: E731
+    rule = types.SimpleNamespace(top_k=k, norm_topk_prob=True, capacity_factor=None)
+    return moe_forward(x, weights[p + "gate.weight"], stack("w1"), stack("w3"), stack("w2"), rule)
