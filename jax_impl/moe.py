@@ -16,6 +16,14 @@ from twin_common import BlockConfig
 from twin_common.moe import capacity
 
 
+def router_logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x (N, C) @ kernel (C, E) in float32 whatever the compute dtype (float64 stays). JAX has no
+    autocast: a bf16 model casts its parameters, so both are cast up here (torch's twin switches
+    its autocast off instead)."""
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    return x.astype(dtype) @ kernel.astype(dtype)
+
+
 def ranks(logits: jax.Array) -> jax.Array:
     """(N, E) rank of each expert per token, 0 = chosen first: the experts with a larger logit,
     plus those with an equal logit and a lower index. An explicit rule, the same as torch's twin,
@@ -92,11 +100,7 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array, return_router_logits: bool = False):
         B, T, C = x.shape
         flat = x.reshape(B * T, C)  # (N, C)
-        # The router in float32 whatever the compute dtype (float64 stays). JAX has no autocast:
-        # a bf16 model casts its parameters, so the kernel is cast back up here (torch's twin
-        # switches its autocast off instead).
-        router_dtype = jnp.promote_types(x.dtype, jnp.float32)
-        logits = flat.astype(router_dtype) @ self.router.kernel[...].astype(router_dtype)  # (N, E)
+        logits = router_logits(flat, self.router.kernel[...])  # (N, E), float32
         combine = route(logits, self.cfg)  # (N, E), float32
         expert_out = self.experts(flat)  # (N, E, C)
         y = jnp.einsum("ne,nec->nc", combine.astype(expert_out.dtype), expert_out).reshape(B, T, C)

@@ -16,6 +16,14 @@ from twin_common import BlockConfig
 from twin_common.moe import capacity
 
 
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (N, C) @ weight (E, C)^T in float32 whatever the compute dtype (float64 stays). Under
+    torch.autocast F.linear would run in bfloat16, so autocast is switched off here."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.to(dtype), weight.to(dtype))
+
+
 def ranks(logits: torch.Tensor) -> torch.Tensor:
     """(N, E) rank of each expert per token, 0 = chosen first: the experts with a larger logit,
     plus those with an equal logit and a lower index. An explicit rule, so a tie goes to the lower
@@ -92,11 +100,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, return_router_logits: bool = False):
         B, T, C = x.shape
         flat = x.reshape(B * T, C)  # (N, C)
-        # The router in float32 whatever the compute dtype (float64 stays): under torch.autocast
-        # F.linear would run in bfloat16, so autocast is switched off for these two lines.
-        router_dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(flat.to(router_dtype), self.router.weight.to(router_dtype))  # (N, E)
+        logits = router_logits(flat, self.router.weight)  # (N, E), float32
         combine = route(logits, self.cfg)  # (N, E), float32
         expert_out = self.experts(flat)  # (N, E, C)
         y = torch.einsum("ne,nec->nc", combine.to(expert_out.dtype), expert_out).reshape(B, T, C)
