@@ -244,3 +244,72 @@ def hf_mixtral_check(framework: str, seed: int = 0, **config_overrides) -> h.Res
         config={"model": f"mixtral E={twin.cfg.n_experts} k={twin.cfg.top_k}", "router_logits_err": router_err,
                 "aux_rel_err": aux_rel, "undecidable": sum(c["undecidable"] for c in counts)},
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ expert parallelism
+
+SHARDED_MESHES = ((1, 2), (2, 2))  # (data, model); moe_tiny's 4 experts and 2 key/value heads split by 2
+
+
+def jax_sharded_rows() -> list[h.Result]:
+    """JAX on (data, model) meshes of simulated CPU devices against one device, in this process
+    (which must have started with XLA_FLAGS=--xla_force_host_platform_device_count >= 4): the
+    forward logits and 5 AdamW steps' losses. The experts split over ``model`` (whole experts per
+    device, the table's EXPERTS rows); GSPMD adds their partial outputs with one all-reduce."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_impl import sharding as S
+    from jax_impl.gpt import GPT
+    from jax_impl.train import Trainer
+    from twin_common.mesh import MeshShape
+
+    cfg, tcfg, steps = MOE_GPT, th.TRAJECTORY, 5
+    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(steps)]
+    x = jnp.asarray(batches[0][0], jnp.int32)
+    rows = []
+    with matched_precision():
+        ref = np.asarray(GPT(cfg, rngs=nnx.Rngs(0))(x))
+        one = Trainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg)
+        ref_losses = [float(one.step(*b)[0]) for b in batches]
+        for mesh in SHARDED_MESHES:
+            m = S.make_mesh(MeshShape(*mesh))
+            forward, params, rest = S.make_forward(GPT(cfg, rngs=nnx.Rngs(0)), m)
+            err = float(np.max(np.abs(np.asarray(forward(params, rest, x)) - ref)))
+            trainer = S.ShardedTrainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg, m)
+            losses = [float(trainer.step(*b)[0]) for b in batches]
+            rel = max(abs(a - b) / abs(a) for a, b in zip(ref_losses, losses))
+            spec = str(trainer.params["blocks"][0]["mlp"]["experts"]["gate_proj"].sharding.spec)
+            for check, e in (("sharded_forward", err), ("sharded_train_step", rel)):
+                rows.append(h.Result(
+                    check, [tcfg.batch_size, tcfg.seq_len], "float32", None, "cpu", f"jax:1 device->jax:{mesh[0]}x{mesh[1]}",
+                    e, e, th.TRAIN_TOLERANCE, e <= th.TRAIN_TOLERANCE, None if e <= th.TRAIN_TOLERANCE else check,
+                    config={"model": "moe", "experts_spec": spec, "steps": steps},
+                ))  # fmt: skip
+    return rows
+
+
+def run_jax_sharded(timeout: float = 600) -> list[dict]:
+    """jax_sharded_rows in a subprocess with 4 simulated CPU devices; the rows as dicts."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "parity_tests.moe_harness", "jax-sharded"], env=env, cwd=repo,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if proc.returncode:
+        raise RuntimeError(f"the sharded MoE worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if sys.argv[1:] != ["jax-sharded"]:
+        sys.exit("usage: python -m parity_tests.moe_harness jax-sharded")
+    print(json.dumps([r.to_json() for r in jax_sharded_rows()]))

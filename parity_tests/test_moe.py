@@ -250,3 +250,24 @@ def test_reference_moe_layer_weights_names_match_table():
     out = moe_forward(x, rng.standard_normal((E, C)), rng.standard_normal((E, H, C)), rng.standard_normal((E, H, C)),
                       rng.standard_normal((E, C, H)), CFG)  # fmt: skip
     assert out["mlp"].shape == x.shape and out["router_logits"].shape == (3, E)
+
+
+# ------------------------------------------------------------------------------ expert parallelism
+
+
+def test_mesh_refuses_experts_it_cannot_split():
+    from twin_common.mesh import MeshShape, mesh_problems
+
+    cfg = dataclasses.replace(mh.MOE_GPT, n_experts=3)
+    problems = mesh_problems(MeshShape(1, 2), cfg)
+    assert any("n_experts=3" in p and "model=2" in p for p in problems), problems
+    assert mesh_problems(MeshShape(2, 2), mh.MOE_GPT) == []
+
+
+@pytest.mark.slow
+def test_jax_expert_parallel_equals_one_device():
+    """Experts split over `model` on 2 and 2x2 simulated devices: logits and 5 AdamW steps."""
+    rows = mh.run_jax_sharded()
+    assert len(rows) == 2 * len(mh.SHARDED_MESHES)
+    for r in rows:
+        assert r["passed"] and "model" in r["config"]["experts_spec"], r

@@ -84,6 +84,10 @@ def mesh_problems(mesh: MeshShape, cfg, *, n_devices: int | None = None, batch_s
     d_hidden = cfg.d_hidden
     if d_hidden % m:
         problems.append(f"MLP hidden width {d_hidden} is not divisible by model={m}")
+    n_experts = getattr(cfg, "n_experts", None) if getattr(cfg, "mlp", None) == "moe" else None
+    if n_experts is not None and n_experts % m:  # expert parallelism rides on `model`: whole experts
+        problems.append(f"n_experts={n_experts} is not divisible by model={m} (experts stay whole: each "
+                        f"device holds n_experts / model of them)")
     if cfg.d_model % m:
         problems.append(f"d_model={cfg.d_model} is not divisible by model={m}")
     if batch_size is not None and batch_size % mesh.data:
