@@ -92,6 +92,31 @@ def hf_plan(dtypes):
                                   lambda f=fw, n=n, t=seq, a=attn: hh.hf_gpt2_check(f, n, t, a))
 
 
+def moe_plan(dtypes, skip_training: bool, skip_sharded: bool):
+    """Rows for the Mixture-of-Experts preset (parity_tests/moe_harness.py): forward and routing in
+    each dtype; unless --skip-training, gradients, AdamW, resume, KV cache, generate, transformers'
+    Mixtral, and (unless --skip-sharded) JAX expert parallelism on simulated devices."""
+    from parity_tests import moe_harness as mh
+
+    both = ("torch", "jax")
+    for dtype in dtypes:
+        for direction in h.DIRECTIONS:
+            yield Planned(f"moe forward {direction} {dtype}", "forward", both,
+                          lambda d=dtype, r=direction: mh.forward_check(d, r))  # fmt: skip
+        yield Planned(f"moe routing {dtype}", "routing", both, lambda d=dtype: mh.routing_check(d))
+    if skip_training or "float32" not in dtypes:
+        return
+    for label, run in mh.checks(skip_training=False):
+        if label.split()[1] not in ("forward", "routing"):
+            yield Planned(label, label.split()[1], both, run)
+    for fw in both:
+        yield Planned(f"hf_mixtral transformers->{fw}", "hf_mixtral", ("torch", "transformers", fw),
+                      lambda f=fw: mh.hf_mixtral_check(f))  # fmt: skip
+    if not skip_sharded:
+        yield Planned("moe sharded jax 1x2, 2x2 (experts over model)", "sharded", both,
+                      lambda: [h.Result(**r) for r in mh.run_jax_sharded()])  # fmt: skip
+
+
 def sharded_unavailable() -> str | None:
     """Why the sharded rows cannot run here, or None."""
     import multiprocessing
@@ -285,6 +310,7 @@ def main(argv=None) -> int:
     if not args.skip_training:
         planned += list(training_plan(args.dtypes))
     planned += list(hf_plan(args.dtypes))
+    planned += list(moe_plan(args.dtypes, args.skip_training, args.skip_sharded))
     why = lambda p: "; ".join(missing[f] for f in p.needs if f in missing)  # noqa: E731
     checks = [p for p in planned if not why(p)]
     skipped = [p for p in planned if why(p)]
