@@ -53,7 +53,8 @@ def routing_check(dtype: str, direction: str = "torch->jax", cfg=MOE_BLOCK, shap
     passed = counts["differ_decidable"] == 0
     detail = None if passed else f"{counts['differ_decidable']} tokens chose other experts with a decidable margin"
     return h.Result(
-        "routing", list(shape), dtype, "cpu", "cpu", direction, err, err / peak if peak else 0.0,
+        "routing", list(shape), dtype, "cpu", "cpu",
+        f"{direction}: {counts['differ']}/{counts['tokens']} differ, {counts['undecidable']} undecidable", err, err / peak if peak else 0.0,
         tolerance_for(dtype).bound(a), passed, None if passed else "router", detail,
         config={"model": "moe block", **counts},
     )  # fmt: skip
@@ -240,7 +241,8 @@ def hf_mixtral_check(framework: str, seed: int = 0, **config_overrides) -> h.Res
         "hf_mixtral", [2, MIXTRAL_POSITIONS], "float32", "cpu" if framework == "torch" else None,
         "cpu" if framework == "jax" else None, f"transformers->{framework}", err, err / peak, tol,
         not problems, problems[0] if problems else None,
-        f"router logits {router_err:.1e}, aux loss relative {aux_rel:.1e}, {differ} tokens routed otherwise",
+        f"router logits {router_err:.1e}, aux loss relative {aux_rel:.1e}, {differ} tokens routed otherwise"
+        if problems else None,
         config={"model": f"mixtral E={twin.cfg.n_experts} k={twin.cfg.top_k}", "router_logits_err": router_err,
                 "aux_rel_err": aux_rel, "undecidable": sum(c["undecidable"] for c in counts)},
     )  # fmt: skip
