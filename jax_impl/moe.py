@@ -79,11 +79,14 @@ class Experts(nnx.Module):
         self.up_proj = nnx.Param(init(rngs.params(), (E, H, C), param_dtype))
         self.down_proj = nnx.Param(init(rngs.params(), (E, C, H), param_dtype))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Every expert on every token: x (N, C) -> (N, E, C)."""
+    def __call__(self, x: jax.Array, combine: jax.Array) -> jax.Array:
+        """Every expert on every token, weighted by ``combine`` (N, E) and summed: x (N, C) -> (N, C).
+        The sum over experts is the last step, so experts split over devices leave partial sums
+        that one all-reduce completes (GSPMD inserts it; jax_impl/sharding.py)."""
         g = jnp.einsum("nc,ehc->neh", x, self.gate_proj[...])  # (N, E, H)
         u = jnp.einsum("nc,ehc->neh", x, self.up_proj[...])  # (N, E, H)
-        return jnp.einsum("neh,ech->nec", jax.nn.silu(g) * u, self.down_proj[...])  # (N, E, C)
+        y = jnp.einsum("neh,ech->nec", jax.nn.silu(g) * u, self.down_proj[...])  # (N, E, C)
+        return jnp.einsum("ne,nec->nc", combine.astype(y.dtype), y)  # (N, C)
 
 
 class MoE(nnx.Module):
@@ -102,7 +105,5 @@ class MoE(nnx.Module):
         flat = x.reshape(B * T, C)  # (N, C)
         logits = router_logits(flat, self.router.kernel[...])  # (N, E), float32
         combine = route(logits, self.cfg)  # (N, E), float32
-        expert_out = self.experts(flat)  # (N, E, C)
-        y = jnp.einsum("ne,nec->nc", combine.astype(expert_out.dtype), expert_out).reshape(B, T, C)
-        y = self.dropout(y)
+        y = self.dropout(self.experts(flat, combine).reshape(B, T, C))
         return (y, logits.reshape(B, T, -1)) if return_router_logits else y

@@ -308,6 +308,84 @@ def run_jax_sharded(timeout: float = 600) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _torch_ep_rank(rank: int, world: int, port: int, out: str, mesh: tuple[int, int]) -> None:
+    """One gloo process of the torch expert-parallel run: logits and 5 AdamW steps' losses of
+    MOE_GPT on ``mesh`` (data, model), written by rank 0 with the experts' placements."""
+    import json
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # what torchrun sets  # fmt: skip
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # FSDP2's hooks, harmless here
+    import torch
+
+    from torch_impl import sharding as S
+    from torch_impl.gpt import GPT
+    from twin_common.mesh import MeshShape
+
+    torch.set_num_threads(1)
+    cfg, tcfg = MOE_GPT, th.TRAJECTORY
+    device_mesh = S.init_distributed(MeshShape(*mesh), cfg, batch_size=tcfg.batch_size, timeout_s=60)
+    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(5)]
+    torch.manual_seed(0)
+    model = S.shard_model(GPT(cfg), device_mesh).eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(S.local_rows(batches[0][0], device_mesh))).numpy()
+    torch.manual_seed(0)
+    trainer = S.ShardedTrainer(GPT(cfg), tcfg, device_mesh)
+    losses = [float(trainer.step(*b)[0]) for b in batches]
+    placement = str(trainer.model.blocks[0].mlp.experts.gate_proj.placements)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"logits": logits.tolist(), "losses": losses, "placement": placement}, f)
+    torch.distributed.destroy_process_group()
+
+
+def torch_sharded_rows(mesh: tuple[int, int] = (1, 2)) -> list[h.Result]:
+    """torch on ``mesh`` (gloo processes, forked) against one device in this process: the forward
+    logits of rank 0's rows and 5 AdamW steps' losses, the experts split over ``model``."""
+    import json
+    import os
+    import socket
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from torch_impl.gpt import GPT
+    from torch_impl.train import Trainer
+
+    cfg, tcfg = MOE_GPT, th.TRAJECTORY
+    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(5)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank0.json")
+        mp.start_processes(_torch_ep_rank, args=(mesh[0] * mesh[1], port, out, mesh), nprocs=mesh[0] * mesh[1],
+                           start_method="fork")  # fmt: skip
+        with open(out) as f:
+            doc = json.load(f)
+    with matched_precision():
+        torch.manual_seed(0)
+        model = GPT(cfg).eval()
+        with torch.no_grad():
+            ref = model(torch.from_numpy(batches[0][0][: batches[0][0].shape[0] // mesh[0]])).numpy()
+        torch.manual_seed(0)
+        one = Trainer(GPT(cfg), tcfg)
+        ref_losses = [float(one.step(*b)[0]) for b in batches]
+    err = float(np.max(np.abs(np.asarray(doc["logits"]) - ref)))
+    rel = max(abs(a - b) / abs(a) for a, b in zip(ref_losses, doc["losses"]))
+    return [
+        h.Result(check, [tcfg.batch_size, tcfg.seq_len], "float32", "cpu", None, f"torch:1 device->torch:{mesh[0]}x{mesh[1]}",
+                 e, e, th.TRAIN_TOLERANCE, e <= th.TRAIN_TOLERANCE, None if e <= th.TRAIN_TOLERANCE else check,
+                 config={"model": "moe", "experts_placement": doc["placement"], "steps": 5})  # fmt: skip
+        for check, e in (("sharded_forward", err), ("sharded_train_step", rel))
+    ]
+
+
 if __name__ == "__main__":
     import json
     import sys

@@ -78,11 +78,14 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, H, C).normal_(0.0, cfg.init_std))
         self.down_proj = nn.Parameter(torch.empty(E, C, H).normal_(0.0, cfg.init_std))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token: x (N, C) -> (N, E, C)."""
+    def forward(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, weighted by ``combine`` (N, E) and summed: x (N, C) -> (N, C).
+        The sum over experts is the last step, so experts split over devices leave partial sums
+        that one all-reduce completes (torch_impl/sharding.py, ExpertParallel)."""
         g = torch.einsum("nc,ehc->neh", x, self.gate_proj)  # (N, E, H)
         u = torch.einsum("nc,ehc->neh", x, self.up_proj)  # (N, E, H)
-        return torch.einsum("neh,ech->nec", F.silu(g) * u, self.down_proj)  # (N, E, C)
+        y = torch.einsum("neh,ech->nec", F.silu(g) * u, self.down_proj)  # (N, E, C)
+        return torch.einsum("ne,nec->nc", combine.to(y.dtype), y)  # (N, C)
 
 
 class MoE(nn.Module):
@@ -102,7 +105,5 @@ class MoE(nn.Module):
         flat = x.reshape(B * T, C)  # (N, C)
         logits = router_logits(flat, self.router.weight)  # (N, E), float32
         combine = route(logits, self.cfg)  # (N, E), float32
-        expert_out = self.experts(flat)  # (N, E, C)
-        y = torch.einsum("ne,nec->nc", combine.to(expert_out.dtype), expert_out).reshape(B, T, C)
-        y = self.dropout(y)
+        y = self.dropout(self.experts(flat, combine).reshape(B, T, C))
         return (y, logits.reshape(B, T, -1)) if return_router_logits else y
