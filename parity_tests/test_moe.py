@@ -281,3 +281,19 @@ def test_torch_expert_parallel_equals_one_device():
     one-device loss (measured 9.8e-5 relative on 2x2), while JAX's jit computes the global batch's."""
     for r in mh.torch_sharded_rows((1, 2)):
         assert r.passed and "Shard(dim=0)" in r.config["experts_placement"], r
+
+
+def test_jax_bf16_training_keeps_the_router_in_float32():
+    """The JAX trainer's bf16 mode casts every parameter but the router's kernel; a step runs."""
+    from flax import nnx
+
+    from jax_impl.gpt import GPT
+    from jax_impl.train import Trainer, cast_params, split
+    from parity_tests.train_harness import TRAJECTORY, token_batch
+
+    model = GPT(mh.MOE_GPT, rngs=nnx.Rngs(0))
+    cast = cast_params(split(model)[1], jnp.bfloat16)
+    assert cast["blocks"][0]["mlp"]["router"]["kernel"].dtype == jnp.float32
+    assert cast["blocks"][0]["mlp"]["experts"]["gate_proj"].dtype == jnp.bfloat16
+    loss, _ = Trainer(model, TRAJECTORY, bf16=True).step(*token_batch(mh.MOE_GPT, 2, 16, 0, 0))
+    assert np.isfinite(float(loss))

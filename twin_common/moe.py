@@ -35,6 +35,9 @@ transformers' ``load_balancing_loss_func`` pools its layers):
 - z-loss (ST-MoE, Zoph et al. 2022, eq. 5): the mean over tokens of logsumexp(logits)^2, positive,
   pushing the router logits towards 0.
 
+The N tokens are those of one call: a cached generation step routes only its own tokens, so with a
+capacity factor a cached run is not the uncached one (dropless, each token's routing is its own).
+
 ``routing_margin`` is the routing twin of generation's ``decision_margin``: how far a token's
 choice is from flipping, the k-th minus the (k+1)-th largest router logit.
 """
