@@ -274,12 +274,12 @@ def test_jax_expert_parallel_equals_one_device():
 
 
 @pytest.mark.slow
-def test_torch_expert_parallel_equals_one_device():
-    """Experts split over `model` on two gloo processes (ExpertParallel): logits and 5 AdamW steps.
-    data=1: with data parallelism each process's load-balancing loss sees only its own rows (a
-    product of means is not the mean of products), so torch's data-parallel loss is not the
-    one-device loss (measured 9.8e-5 relative on 2x2), while JAX's jit computes the global batch's."""
-    for r in mh.torch_sharded_rows((1, 2)):
+@pytest.mark.parametrize("mesh", [(1, 2), (2, 2)])
+def test_torch_expert_parallel_equals_one_device(mesh):
+    """Experts split over `model` on gloo processes (ExpertParallel): logits and 5 AdamW steps. On
+    data=2 the load-balancing loss is the whole batch's (router_losses' data_mean): without it each
+    process's loss saw its own rows only, measured 9.8e-5 relative off one device's loss on 2x2."""
+    for r in mh.torch_sharded_rows(mesh):
         assert r.passed and "Shard(dim=0)" in r.config["experts_placement"], r
 
 

@@ -115,8 +115,9 @@ def moe_plan(dtypes, skip_training: bool, skip_sharded: bool):
     if not skip_sharded:
         yield Planned("moe sharded jax 1x2, 2x2 (experts over model)", "sharded", both,
                       lambda: [h.Result(**r) for r in mh.run_jax_sharded()])  # fmt: skip
-        yield Planned("moe sharded torch 1x2 (gloo processes, experts over model)", "sharded", both,
-                      lambda: mh.torch_sharded_rows((1, 2)))  # fmt: skip
+        for mesh in ((1, 2), (2, 2)):
+            yield Planned(f"moe sharded torch {mesh[0]}x{mesh[1]} (gloo processes, experts over model)", "sharded",
+                          both, lambda m=mesh: mh.torch_sharded_rows(m))  # fmt: skip
 
 
 def sharded_unavailable() -> str | None:

@@ -125,16 +125,16 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def model_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def model_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor, data_mean=None) -> torch.Tensor:
     """The training loss: loss_fn, plus with an MoE MLP the router's load-balancing loss and z-loss
-    (torch_impl/moe.py) times their config coefficients."""
+    (torch_impl/moe.py) times their config coefficients (``data_mean``: see router_losses)."""
     cfg = model.cfg
     if cfg.mlp != "moe":
         return loss_fn(model(idx), targets)
     from torch_impl.moe import router_losses
 
     logits, inter = model(idx, return_intermediates=True)
-    balance, z_loss = router_losses([inter[f"blocks.{i}.router_logits"] for i in range(cfg.n_layers)], cfg)
+    balance, z_loss = router_losses([inter[f"blocks.{i}.router_logits"] for i in range(cfg.n_layers)], cfg, data_mean)
     return loss_fn(logits, targets) + cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z_loss
 
 

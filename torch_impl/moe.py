@@ -54,13 +54,21 @@ def route(logits: torch.Tensor, cfg: BlockConfig) -> torch.Tensor:
     return (chosen * weight[:, :, None]).sum(1)  # (N, E)
 
 
-def router_losses(router_logits: list[torch.Tensor], cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """(load-balancing loss, z-loss) over every MoE layer's router logits (..., E), tokens pooled."""
+def router_losses(router_logits: list[torch.Tensor], cfg, data_mean=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(load-balancing loss, z-loss) over every MoE layer's router logits (..., E), tokens pooled.
+
+    ``data_mean`` (data parallel: the mean of a tensor over the data ranks, each holding an equal
+    share of the batch) makes the load-balancing loss the whole batch's: it is a product of two
+    means, and the mean of the ranks' products is not it. The other ranks' share of P enters as a
+    constant, and the averaging of gradients over the ranks then gives the whole batch's gradient."""
     z = torch.cat([g.reshape(-1, g.shape[-1]) for g in router_logits])  # (L * N, E), float32
     E = z.shape[-1]
     probs = torch.softmax(z, dim=-1)  # one softmax: the loss reads probabilities of the logits
     f = (ranks(z) < cfg.top_k).to(z.dtype).mean(0)  # (E,) pairs routed to e per token; sums to k
-    balance = E * torch.sum(f * probs.mean(0))
+    p = probs.mean(0)  # (E,) mean router probability of each expert
+    if data_mean is not None:
+        f, p = data_mean(f), data_mean(p.detach()) + (p - p.detach())  # value: global; gradient: this rank's
+    balance = E * torch.sum(f * p)
     z_loss = torch.logsumexp(z, dim=-1).square().mean()
     return balance, z_loss
 

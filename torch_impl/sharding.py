@@ -14,6 +14,7 @@ styles insert the two all-reduces per block; FSDP2's replicate() averages gradie
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 
 import numpy as np
@@ -24,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
+from torch_impl.gpt import model_loss
 from torch_impl.train import Trainer
 from twin_common.mesh import AXES, MeshShape, check_mesh
 from weight_conversion.table import Split, table_for
@@ -170,6 +172,12 @@ class ShardedTrainer(Trainer):
         self.timeout_s = _timeout_s
         shard_model(model, device_mesh)
         super().__init__(model, tcfg, compile=compile, bf16=bf16)
+        # an MoE's load-balancing loss over the whole batch, as on one device (torch_impl/moe.py)
+        self.loss_of = functools.partial(model_loss, data_mean=self._data_mean_no_grad)
+
+    def _data_mean_no_grad(self, value: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._mean_over_data(value)
 
     def _mean_over_data(self, value: torch.Tensor) -> torch.Tensor:
         """A per-process mean (over this process's rows) -> the global batch's mean."""

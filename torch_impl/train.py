@@ -51,15 +51,16 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
 
 def train_step(
     model: torch.nn.Module, optimizer: torch.optim.AdamW, x: torch.Tensor, y: torch.Tensor,
-    tcfg: TrainConfig, step: int, autocast_dtype: torch.dtype | None = None,
+    tcfg: TrainConfig, step: int, autocast_dtype: torch.dtype | None = None, loss_of=model_loss,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step at 0-based ``step``; returns (loss, grad norm before clipping)."""
+    """One optimizer step at 0-based ``step``; returns (loss, grad norm before clipping).
+    ``loss_of(model, x, y)``: the loss (a sharded trainer's pools MoE statistics over its ranks)."""
     for group in optimizer.param_groups:
         group["lr"] = tcfg.lr_at(step)  # the shared schedule, set explicitly instead of LambdaLR
     optimizer.zero_grad(set_to_none=True)
     autocast = autocast_dtype is not None
     with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast):
-        loss = model_loss(model, x, y)  # loss_fn computes in float32 under autocast too
+        loss = loss_of(model, x, y)  # loss_fn computes in float32 under autocast too
     loss.backward()
     # scales by grad_clip / (norm + 1e-6) when norm > grad_clip; the JAX twin does the same
     norm = clip_grad_norm(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
@@ -91,6 +92,7 @@ class Trainer:
         # torch.compile traces the module on first call; the optimizer keeps the original parameters
         self.forward_model = torch.compile(model) if compile else model
         self.step_count = 0
+        self.loss_of = model_loss
 
     def _tensor(self, a) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device, non_blocking=True)
@@ -101,7 +103,7 @@ class Trainer:
         check_token_input(tuple(x.shape), x.dtype.name, self.model.cfg, (int(x.min()), int(x.max())))
         loss, norm = train_step(
             self.forward_model, self.optimizer, self._tensor(x), self._tensor(y), self.tcfg,
-            self.step_count, self.autocast_dtype,
+            self.step_count, self.autocast_dtype, self.loss_of,
         )  # fmt: skip
         self.step_count += 1
         return loss, norm
