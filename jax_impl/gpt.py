@@ -138,7 +138,8 @@ def loss_fn(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def model_loss(model: GPT, idx: jax.Array, targets: jax.Array) -> jax.Array:
     """The training loss: loss_fn, plus with an MoE MLP the router's load-balancing loss and z-loss
-    (jax_impl/moe.py) times their config coefficients."""
+    (jax_impl/moe.py) times their config coefficients. (torch's twin takes a ``data_mean`` for its
+    data-parallel processes; a jitted step over a sharded batch already sees the whole batch.)"""
     cfg = model.cfg
     if cfg.mlp != "moe":
         return loss_fn(model(idx), targets)
