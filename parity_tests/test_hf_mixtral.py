@@ -26,7 +26,7 @@ from weight_conversion.validate import ConversionError
 from weight_conversion.verify import VerificationError
 
 
-@pytest.mark.parametrize("framework", ["torch", "jax"])
+@pytest.mark.parametrize("framework", ["torch", pytest.param("jax", marks=pytest.mark.slow)])
 def test_twin_matches_transformers_mixtral(framework):
     """Logits and router logits <= 1e-5, identical expert choices, aux loss equal to transformers'
     load_balancing_loss_func (imported with verify=True)."""
