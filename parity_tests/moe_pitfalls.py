@@ -19,7 +19,7 @@ import numpy as np
 
 import weight_conversion as wc
 from parity_tests import harness as h
-from parity_tests.moe_harness import MOE_BLOCK, ROUTING_SHAPE
+from parity_tests.moe_harness import MOE_BLOCK
 from parity_tests.pitfalls import Measurement
 from twin_common.moe import capacity, compare_routing, router_losses
 from twin_common.precision import matched_precision

@@ -16,7 +16,6 @@ pytest.importorskip("transformers", reason="transformers is a test extra")
 
 import torch
 
-import weight_conversion as wc
 import weight_conversion.hf_mixtral_table as mt
 from parity_tests import moe_harness as mh
 from parity_tests import train_harness as th

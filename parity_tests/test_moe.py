@@ -22,7 +22,7 @@ import torch_impl.moe as tm
 from parity_tests import harness as h
 from parity_tests import moe_harness as mh
 from twin_common import GPTConfig
-from twin_common.moe import capacity, moe_forward, moe_layer_weights, route, router_losses
+from twin_common.moe import capacity, route, router_losses
 from twin_common.precision import matched_precision
 from twin_common.reference import block_forward
 from weight_conversion.table import table_for
@@ -161,7 +161,6 @@ def test_router_runs_in_float32_in_a_bfloat16_model():
         t = h.new_torch_block(CFG, "bfloat16", "cpu", 0)
         j = h.new_flax_block(CFG, "bfloat16", h.jax_devices()["cpu"], 0)
         x = h.make_input(h.LESSON_SHAPE, "bfloat16")
-        assert h.run_torch(t, x, "cpu")["router_logits"].dtype == np.float64  # run_* casts; check the source
         _, inter_t = t(torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16), return_intermediates=True)
         _, inter_j = j(jnp.asarray(x), return_intermediates=True)
     assert inter_t["router_logits"].dtype == torch.float32 and inter_j["router_logits"].dtype == jnp.float32
@@ -238,18 +237,6 @@ def test_moe_kv_cache(framework):
 @pytest.mark.parametrize("sampling", ["greedy", pytest.param("sampled", marks=pytest.mark.slow)])
 def test_moe_generate(sampling):
     _result_ok(mh.generate_check(sampling))
-
-
-def test_reference_moe_layer_weights_names_match_table():
-    keys = {s.torch_key for s in table_for(CFG)}
-    w = {k: np.zeros(1) for k in keys}
-    assert len(moe_layer_weights(w, "mlp.")) == 4
-    x = np.random.default_rng(0).standard_normal((3, CFG.d_model))
-    rng = np.random.default_rng(1)
-    E, C, H = CFG.n_experts, CFG.d_model, CFG.d_hidden
-    out = moe_forward(x, rng.standard_normal((E, C)), rng.standard_normal((E, H, C)), rng.standard_normal((E, H, C)),
-                      rng.standard_normal((E, C, H)), CFG)  # fmt: skip
-    assert out["mlp"].shape == x.shape and out["router_logits"].shape == (3, E)
 
 
 # ------------------------------------------------------------------------------ expert parallelism
