@@ -84,31 +84,39 @@ def _rope_theta(hf_config: dict, problems: list) -> float:
 def llama_config_from_hf(hf_config: dict) -> GPTConfig:
     """The GPTConfig of a transformers Llama config (config.json as a dict; absent fields take
     LlamaConfig's defaults). Raises ValueError naming every field the twins do not compute."""
+    return config_from_hf(hf_config, "Llama", MAPPED, COMPUTED, IGNORED, GPTConfig.llama)
+
+
+def config_from_hf(hf_config: dict, family: str, mapped: dict, computed: dict, ignored, build) -> GPTConfig:
+    """The GPTConfig of a Llama-family config.json (``family``: "Llama", "Mixtral"): ``mapped``
+    fields read (absent: their defaults), ``computed`` ones held to the one value the twins compute,
+    ``ignored`` ones skipped, any other with a value refused; every problem named at once. ``build``
+    makes the config (GPTConfig.llama, GPTConfig.mixtral) from the twin fields and rope_theta."""
     if not isinstance(hf_config, dict):
-        raise ValueError(f"a Llama config is a JSON object (dict), got {type(hf_config).__name__}")
+        raise ValueError(f"a {family} config is a JSON object (dict), got {type(hf_config).__name__}")
     problems = []
-    for name, computed in COMPUTED.items():
-        value = hf_config.get(name, computed)
-        if value != computed:
-            problems.append(f"{name}={value!r}: the twins compute only {name}={computed!r}")
-    fields = {twin: (default if hf_config.get(hf) is None else hf_config[hf]) for hf, (twin, default) in MAPPED.items()}
+    for name, value_computed in computed.items():
+        value = hf_config.get(name, value_computed)
+        if value != value_computed:
+            problems.append(f"{name}={value!r}: the twins compute only {name}={value_computed!r}")
+    fields = {twin: (default if hf_config.get(hf) is None else hf_config[hf]) for hf, (twin, default) in mapped.items()}
     theta = _rope_theta(hf_config, problems)
     C, nh = fields["d_model"], fields["n_heads"]
     head_dim = hf_config.get("head_dim")
     if head_dim is not None and isinstance(C, int) and isinstance(nh, int) and nh > 0 and head_dim * nh != C:
         problems.append(f"head_dim={head_dim!r}: the twins compute head size hidden_size / num_attention_heads = {C / nh:g}")
-    known = set(MAPPED) | set(COMPUTED) | IGNORED | {"rope_theta", "rope_scaling", "rope_parameters", "head_dim"}
+    known = set(mapped) | set(computed) | ignored | {"rope_theta", "rope_scaling", "rope_parameters", "head_dim"}
     for name in sorted(set(hf_config) - known):
         if hf_config[name] not in (None, False):  # sliding_window, layer_types, softcapping, ...
             problems.append(f"{name}={hf_config[name]!r}: the twins do not compute it")
     if problems:
-        raise ValueError("Llama config not supported by the twins:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ValueError(f"{family} config not supported by the twins:\n" + "\n".join(f"  - {p}" for p in problems))
     if fields["n_kv_heads"] == nh:
         fields["n_kv_heads"] = None  # the twins' spelling of "one key/value head per query head"
     try:
-        return GPTConfig.llama(**fields, rope_theta=float(theta) if isinstance(theta, int) else theta)
+        return build(**fields, rope_theta=float(theta) if isinstance(theta, int) else theta)
     except ValueError as e:
-        raise ValueError(f"Llama config gives an invalid GPTConfig: {e}") from None
+        raise ValueError(f"{family} config gives an invalid GPTConfig: {e}") from None
 
 
 def llama_config_from_dir(directory: str | os.PathLike) -> GPTConfig:

@@ -21,13 +21,14 @@ top-k on probabilities), sharing no code with the tables it checks.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 from twin_common import GPTConfig
 from twin_common.config import RUNTIME_FIELDS, config_differences
 from weight_conversion.hf_gpt2 import read_config, read_hf_arrays, write_hf_directory
-from weight_conversion.hf_llama import IGNORED, _rope_theta
+from weight_conversion.hf_llama import IGNORED, config_from_hf
 from weight_conversion.hf_mixtral_table import hf_mixtral_table, hf_shapes, to_hf, to_twin
 from weight_conversion.validate import ConversionError, find_problems_by_shape
 
@@ -62,31 +63,9 @@ MIXTRAL_IGNORED = IGNORED | {"output_router_logits"}  # whether forward returns 
 def mixtral_config_from_hf(hf_config: dict) -> GPTConfig:
     """The GPTConfig of a transformers Mixtral config (config.json as a dict; absent fields take
     MixtralConfig's defaults). Raises ValueError naming every field the twins do not compute."""
-    if not isinstance(hf_config, dict):
-        raise ValueError(f"a Mixtral config is a JSON object (dict), got {type(hf_config).__name__}")
-    problems = []
-    for name, computed in COMPUTED.items():
-        value = hf_config.get(name, computed)
-        if value != computed:
-            problems.append(f"{name}={value!r}: the twins compute only {name}={computed!r}")
-    fields = {twin: (default if hf_config.get(hf) is None else hf_config[hf]) for hf, (twin, default) in MAPPED.items()}
-    theta = _rope_theta({"rope_theta": ROPE_DEFAULT_THETA, **hf_config}, problems)
-    C, nh = fields["d_model"], fields["n_heads"]
-    head_dim = hf_config.get("head_dim")
-    if head_dim is not None and isinstance(C, int) and isinstance(nh, int) and nh > 0 and head_dim * nh != C:
-        problems.append(f"head_dim={head_dim!r}: the twins compute head size hidden_size / num_attention_heads = {C / nh:g}")
-    known = set(MAPPED) | set(COMPUTED) | MIXTRAL_IGNORED | {"rope_theta", "rope_scaling", "rope_parameters", "head_dim"}
-    for name in sorted(set(hf_config) - known):
-        if hf_config[name] not in (None, False):  # norm_topk_prob, layer_types, capacity, ...
-            problems.append(f"{name}={hf_config[name]!r}: the twins do not compute it")
-    if problems:
-        raise ValueError("Mixtral config not supported by the twins:\n" + "\n".join(f"  - {p}" for p in problems))
-    if fields["n_kv_heads"] == nh:
-        fields["n_kv_heads"] = None  # the twins' spelling of "one key/value head per query head"
-    try:
-        return GPTConfig.mixtral(**fields, rope_theta=float(theta), router_z_loss_coef=0.0)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"Mixtral config gives an invalid GPTConfig: {e}") from None
+    with_default_theta = {"rope_theta": ROPE_DEFAULT_THETA, **hf_config} if isinstance(hf_config, dict) else hf_config
+    build = functools.partial(GPTConfig.mixtral, router_z_loss_coef=0.0)  # Mixtral has no z-loss
+    return config_from_hf(with_default_theta, "Mixtral", MAPPED, COMPUTED, MIXTRAL_IGNORED, build)
 
 
 def mixtral_config_from_dir(directory: str | os.PathLike) -> GPTConfig:
