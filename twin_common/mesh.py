@@ -6,6 +6,9 @@ Two named axes, the same names in both frameworks (jax.sharding.Mesh / torch ini
   their gradients averaged over it.
 - ``model``: tensor parallel (Megatron-style). Parameters are split along it as the conversion
   table's ``split`` column says (weight_conversion/table.py); activations between blocks are whole.
+  A MoE layer's stacked experts split along it too, whole experts per device: expert parallelism
+  on the ``model`` devices rather than an axis of its own (each device runs its experts on every
+  token, one all-reduce adds their outputs; twin_common/moe.py).
 
 Every size is checked here, before any model is built or process group touched, and all problems
 come back in one ValueError.
