@@ -150,6 +150,8 @@ def run(
     schedule[0, 1:max_new_tokens] = np.arange(lay.prompt_slots, lay.prompt_slots + max_new_tokens - 1)
     schedule[1, 0] = lay.prompt_slots - 1
     device = params[0].sharding
+    if isinstance(device, jax.sharding.NamedSharding):  # a sharded model: the loop's arrays replicated on its mesh
+        device = jax.sharding.NamedSharding(device.mesh, jax.sharding.PartitionSpec())
     on_device = (padded, schedule, lay.start, np.float32(sampling.temperature or 1.0), np.float32(sampling.top_p),
                  lay.tokens, np.int32(0))  # fmt: skip
     u_all, schedule, start, temperature, top_p, idx, n = jax.device_put(on_device, device)

@@ -69,9 +69,9 @@ def _max_err(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
 
 
-# Rows a worker writes per mesh (forward of the GPT and of the block, gradients, 20 steps), and one
+# Rows a worker writes per mesh (forward of the GPT and of the block, gradients, 20 steps, collectives), and one
 # more for a resume; parity_report announces its row count from these.
-ROWS_PER_MESH = 4
+ROWS_PER_MESH = 5
 ROWS_PER_RESUME = 1
 
 
