@@ -127,10 +127,13 @@ class KVCache(nn.Module):
     written in place at the current slot. Buffers (not parameters, not in the state_dict) so that
     .to() moves them and CUDA graphs see fixed addresses."""
 
-    def __init__(self, batch: int, length: int, cfg: BlockConfig, dtype: torch.dtype, device, heads: int | None = None):
+    def __init__(
+        self, batch: int, length: int, cfg: BlockConfig, dtype: torch.dtype, device,
+        heads: int | None = None,
+    ):  # fmt: skip
         """``heads``: the heads this process computes (nh, or nh / model tensor-parallel)."""
         super().__init__()
-        shape = (batch, heads or cfg.n_heads, length, cfg.d_head)  # (B, nh, L, hs), the attention's layout
+        shape = (batch, heads or cfg.n_heads, length, cfg.d_head)  # (B, nh, L, hs), as attention reads it
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 

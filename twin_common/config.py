@@ -68,7 +68,7 @@ class BlockConfig(DictConfig):
     attn_impl: AttnImpl = "fused"  # "fused": SDPA / jax.nn.dot_product_attention; "math": explicit
     # The fused path's kernel on a GPU in bf16/fp16: "cudnn" tries cuDNN's fused attention first and
     # falls back to the library's choice where cuDNN cannot run (CPU, float32, unsupported shapes);
-    # "library": torch SDPA's / JAX's own choice (JAX's is XLA's). Other devices and dtypes: no effect.
+    # "library": torch SDPA's / JAX's own choice (JAX's is XLA's). No effect on other devices/dtypes.
     attn_kernel: AttnKernel = "cudnn"
     attn_dropout: float = 0.0  # dropout on attention probabilities (training only)
     resid_dropout: float = 0.0  # dropout on each sublayer's output before the residual add
