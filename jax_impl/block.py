@@ -130,7 +130,8 @@ class KVCache(nnx.Module):
     nnx.Cache variable; under jax.jit with the cache donated, XLA does the write in place."""
 
     def __init__(self, batch: int, length: int, cfg: BlockConfig, dtype, device):
-        shape = (batch, length, cfg.n_heads, cfg.d_head)  # (B, L, nh, hs), as attention reads it
+        # (B, L, nh, hs): the layout this framework's attention reads
+        shape = (batch, length, cfg.n_heads, cfg.d_head)
         # placed explicitly (a Sharding): an array left "uncommitted" would give the first jitted
         # call another cache key than the later ones, which get the step's committed outputs
         self.k = nnx.Cache(jnp.zeros(shape, dtype, device=device))

@@ -133,7 +133,8 @@ class KVCache(nn.Module):
     ):  # fmt: skip
         """``heads``: the heads this process computes (nh, or nh / model tensor-parallel)."""
         super().__init__()
-        shape = (batch, heads or cfg.n_heads, length, cfg.d_head)  # (B, nh, L, hs), as attention reads it
+        # (B, nh, L, hs): the layout this framework's attention reads
+        shape = (batch, heads or cfg.n_heads, length, cfg.d_head)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
