@@ -384,7 +384,7 @@ def _torch_rank(rank: int, world: int, port: int, out: str, init: str, shape: Me
         result["resume_weights"] = resumed.state()[0]
     if model_rank == 0:
         _pickle_free_save(os.path.join(out, f"rank_{data_rank}.npz"), result)
-    torch.distributed.destroy_process_group()
+    S.finish(device_mesh)
 
 
 def _killed_rank(rank: int, port: int, out: str, init: str) -> None:

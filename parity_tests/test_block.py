@@ -157,3 +157,24 @@ def test_matched_precision_pins_inside_and_restores_outside():
     assert inside["torch_float32_matmul_precision"] == "highest"
     assert inside["jax_default_matmul_precision"] == "highest" and inside["jax_enable_x64"]
     assert describe() == before
+
+
+def test_matched_precision_for_one_framework_leaves_the_other_alone():
+    """A torch-only command pins torch and never imports JAX (scripts.train --framework torch
+    imported JAX's runtime only for this); an unknown framework name is refused."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from twin_common.precision import matched_precision\n"
+            "import torch\n"
+            "with matched_precision(frameworks=('torch',)):\n"
+            "    assert torch.get_float32_matmul_precision() == 'highest'\n"
+            "print('jax' in sys.modules)")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    from twin_common.precision import matched_precision
+
+    with pytest.raises(ValueError, match="unknown frameworks \\['tensorflow'\\]"):
+        with matched_precision(frameworks=("tensorflow",)):
+            pass

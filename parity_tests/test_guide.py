@@ -159,3 +159,17 @@ def test_check_measure_names_a_moved_figure():
     problems = bg.stale_measured(committed, fresh)
     assert len(problems) == 1 and problems[0].startswith("pitfalls: ") and problems[0].endswith(" differs")
     assert not bg.stale_measured(committed, committed)
+
+
+def test_diff_summary_names_a_replacement_only_where_both_sides_are_one_idea():
+    """The line above each twin pair names renamed things (``nn.Module`` → ``nnx.Module``,
+    ``forward`` → ``__call__``), never two unrelated tokens the aligner happened to pair."""
+    from scripts.build_guide import diff_summary
+
+    torch_src = "class A(nn.Module):\n    def forward(self, x):\n        betas = (0.9, 0.95)\n        return (x)\n"
+    jax_src = "class A(nnx.Module):\n    def __call__(self, x):\n        dtype = (0.9, 0.95)\n        return x\n"
+    line = diff_summary(torch_src, jax_src)
+    assert "`nn.Module` → `nnx.Module`" in line and "`forward` → `__call__`" in line, line
+    assert "betas" not in line and "dtype" not in line, line  # unrelated: counted, not named
+    assert "`)`" not in line and "`(`" not in line, line  # punctuation alone is not named
+    assert line.startswith("4 of 4 lines differ"), line

@@ -66,9 +66,22 @@ def _join(tokens: list[str]) -> str:
     return out
 
 
+# Names each framework gives the same thing, which no spelling similarity can find.
+SAME_IDEA = {("forward", "__call__"), ("torch.Tensor", "jax.Array"), ("weight", "kernel"),
+             ("torch.no_grad", "jax.lax.stop_gradient"), ("state_dict", "nnx.state")}  # fmt: skip
+
+
+def same_idea(left: str, right: str) -> bool:
+    """Whether a replaced token run reads as one thing renamed (``nn.Module`` → ``nnx.Module``,
+    ``eps`` → ``epsilon``, ``forward`` → ``__call__``), not two unrelated lines the aligner paired
+    (``betas`` → ``dtype``): spelled alike (difflib ratio >= 0.6), or a known pair of names."""
+    return (left, right) in SAME_IDEA or difflib.SequenceMatcher(None, left, right).ratio() >= 0.6
+
+
 def diff_summary(torch_src: str, jax_src: str, most: int = 4) -> str:
     """One line: how many lines differ, and the first few differing code tokens, e.g.
-    "3 of 9 lines differ: `nn.Module` → `nnx.Module`, ..." (+ only in Flax, − only in torch)."""
+    "3 of 9 lines differ: `nn.Module` → `nnx.Module`, ..." (+ only in Flax, − only in torch).
+    A replacement is named only where both sides are the same idea (``same_idea``)."""
     a, b = torch_src.splitlines(), jax_src.splitlines()
     same = sum(m.size for m in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks())
     ta, tb = _code_tokens(torch_src), _code_tokens(jax_src)
@@ -76,7 +89,8 @@ def diff_summary(torch_src: str, jax_src: str, most: int = 4) -> str:
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ta, tb, autojunk=False).get_opcodes():
         left, right = _join(ta[i1:i2]), _join(tb[j1:j2])
         if op != "equal" and len(left) <= 24 and len(right) <= 24 and (left, right) not in pairs:
-            pairs.append((left, right))
+            if any(c.isalnum() for c in left + right) and (op != "replace" or same_idea(left, right)):
+                pairs.append((left, right))
     change = lambda a, b: f"`{a}` → `{b}`" if a and b else f"+`{b}` (Flax)" if b else f"−`{a}` (torch)"  # noqa: E731
     shown = ", ".join(change(left, right) for left, right in pairs[:most])
     more = f", and {len(pairs) - most} more" if len(pairs) > most else ""

@@ -30,6 +30,7 @@ from twin_common import GPTConfig
 from twin_common import data as D
 from twin_common.config import RUNTIME_FIELDS, config_differences
 from twin_common.mesh import run_for_this_process
+from twin_common.mesh import leave_job
 from twin_common.mesh import setup as mesh_setup
 from twin_common.precision import matched_precision
 from twin_common.train_config import TrainConfig
@@ -342,7 +343,14 @@ def main(argv=None) -> int:
         return 2
     if args.threads is not None:
         set_threads(args.threads, args.framework)
-    precision = contextlib.nullcontext() if args.fast_matmul else matched_precision()
+    code = _run(args, explicit)
+    leave_job(code, args.framework, getattr(args, "device_mesh", None))  # torchrun: does not return
+    return code
+
+
+def _run(args, explicit: set[str]) -> int:
+    frameworks = ("torch", "jax") if args.framework == "compare" else (args.framework,)
+    precision = contextlib.nullcontext() if args.fast_matmul else matched_precision(frameworks=frameworks)
     try:
         with precision:
             return run_compare(args) if args.framework == "compare" else train_one(args, explicit)

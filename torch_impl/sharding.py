@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -54,6 +56,35 @@ def init_distributed(mesh: MeshShape, cfg, *, batch_size: int | None = None,
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         _timeout_s = timeout_s
     return make_mesh(mesh)
+
+
+def finish(device_mesh: DeviceMesh) -> None:
+    """End this process's part of a job that succeeded: a barrier in each of the mesh's process
+    groups (every rank has finished every collective), then the groups are destroyed, as torch's
+    distributed docs ask of a program before it exits."""
+    if not dist.is_initialized():
+        return
+    for name in device_mesh.mesh_dim_names:
+        dist.barrier(group=device_mesh.get_group(name))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a process that joined a gloo/NCCL job with ``code``, its output flushed, without the
+    interpreter's teardown (os._exit).
+
+    Why: a gloo worker thread frees each collective's tensors after the rank has already moved on.
+    When that falls inside interpreter finalization, the thread needs the GIL, Python ends the
+    thread, and the C++ runtime aborts the rank after its work is done ("terminate called without
+    an active exception", SIGABRT; gdb: ~AsyncAllreduceWork -> decref_pyobject -> take_gil ->
+    pthread_exit). Measured on a 2-core CPU, two-process scripts.train runs that resume and sample:
+    4 aborts in 110 runs as it was, 1 in 55 with finish() alone (a barrier does not wait for the
+    worker thread to free a finished collective), none with this. Every file the run writes is
+    complete by then (written to a temporary name, flushed and renamed), so nothing is lost."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def make_mesh(mesh: MeshShape) -> DeviceMesh:

@@ -115,6 +115,20 @@ def setup(framework: str, text: str | None, model_cfg, batch_size: int):
     return init_distributed(shape, model_cfg, batch_size=batch_size)
 
 
+def leave_job(code: int, framework: str, device_mesh) -> None:
+    """The end of a ``--mesh`` run. A JAX mesh needs nothing. A torch process leaves its process
+    groups (after a clean run: barriers, then destroyed; see torch_impl.sharding.finish) and then
+    ends at once with ``code``, skipping the interpreter's teardown (torch_impl.sharding.exit_now
+    says why); without --mesh, or in JAX, this returns."""
+    if framework != "torch" or device_mesh is None:
+        return
+    from torch_impl.sharding import exit_now, finish
+
+    if code == 0:
+        finish(device_mesh)
+    exit_now(code)
+
+
 def sharded_trainer(framework: str, model, tcfg, device_mesh, **kwargs):
     """The framework's ShardedTrainer: the Trainer's methods, over ``device_mesh``."""
     if framework == "torch":

@@ -27,14 +27,19 @@ def _x64_context(enabled: bool):
 
 
 @contextlib.contextmanager
-def matched_precision(x64: bool = False):
+def matched_precision(x64: bool = False, frameworks: tuple[str, ...] = ("torch", "jax")):
     """Full-precision float32 matmuls in torch and JAX (whichever are installed) for the block.
 
     ``x64=True`` also turns on JAX's 64-bit mode, without which JAX truncates float64 to float32.
+    ``frameworks``: the ones this process runs; a one-framework command names its own, so that a
+    torch run does not import JAX (and its runtime) only to pin a setting it never reads.
     Both settings are restored on exit.
     """
+    unknown = set(frameworks) - {"torch", "jax"}
+    if unknown:
+        raise ValueError(f"matched_precision: unknown frameworks {sorted(unknown)}; known: torch, jax")
     with contextlib.ExitStack() as stack:
-        if importlib.util.find_spec("torch") is not None:
+        if "torch" in frameworks and importlib.util.find_spec("torch") is not None:
             import torch
 
             before = torch.get_float32_matmul_precision()
@@ -44,7 +49,7 @@ def matched_precision(x64: bool = False):
                 stack.callback(setattr, matmul, "fp32_precision", cuda_before)
             torch.set_float32_matmul_precision(MATMUL_PRECISION)  # also turns TF32 off for matmuls
             stack.callback(torch.set_float32_matmul_precision, before)
-        if importlib.util.find_spec("jax") is not None:
+        if "jax" in frameworks and importlib.util.find_spec("jax") is not None:
             import jax
 
             stack.enter_context(jax.default_matmul_precision(MATMUL_PRECISION))
