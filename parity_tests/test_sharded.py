@@ -2,7 +2,7 @@
 (forward with every intermediate, gradients, 20 AdamW steps), sharded torch against sharded JAX,
 a run resumed across meshes and frameworks, and the collectives Megatron predicts.
 
-The workers run in subprocesses (parity_tests/sharded_harness.py): JAX with 8 simulated devices,
+The workers run in subprocesses (twin_parity/sharded_harness.py): JAX with 8 simulated devices,
 torch with one forked gloo process per device. One worker call covers several checks, since
 starting one costs seconds. The default run covers every mesh family, tensor parallel (1x4 JAX,
 1x2 torch) and both axes together (2x2 in both); the other meshes the issue lists run under
@@ -15,8 +15,8 @@ import os
 
 import pytest
 
-from parity_tests import sharded_harness as sh
-from parity_tests.conftest import HAVE_JAX, HAVE_TORCH
+from twin_parity import sharded_harness as sh
+from twin_parity.testing import HAVE_JAX, HAVE_TORCH
 
 pytestmark = pytest.mark.skipif(not (HAVE_TORCH and HAVE_JAX), reason="needs torch and jax/flax")
 
@@ -269,7 +269,7 @@ def test_the_plan_comes_from_the_table():
     from jax_impl.sharding import tp_plan as jax_plan
     from torch_impl.sharding import tp_plan as torch_plan
     from twin_common import GPTConfig
-    from weight_conversion.table import Split, table_for
+    from twin_common.params import Split, table_for
 
     cfg = GPTConfig(d_model=32, n_heads=4, n_layers=1)
     t, j = torch_plan(cfg), jax_plan(cfg)
@@ -376,7 +376,7 @@ import os
 if os.environ.get("JAX_PLATFORMS") == "cpu":  # the JAX worker only
     import dataclasses
     from jax_impl import sharding as S
-    from weight_conversion import table as T
+    from twin_common import params as T
     honest = S.table_for
     S.table_for = lambda cfg: tuple(
         dataclasses.replace(s, split=T.Split.OUT_FEATURES) if s.torch_key.endswith("attn.out_proj.weight") else s

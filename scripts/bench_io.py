@@ -104,7 +104,7 @@ def main(argv=None) -> int:
 
     import weight_conversion as wc
     from jax_impl.gpt import GPT as FlaxGPT
-    from weight_conversion.table import table_for
+    from twin_common.params import table_for
     from weight_conversion.validate import find_problems
 
     cfg = MODELS[args.model]

@@ -39,7 +39,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU mem
 
 import numpy as np  # noqa: E402
 
-from parity_tests.harness import framework_missing  # noqa: E402
+from twin_parity.harness import framework_missing  # noqa: E402
 from twin_common import GPTConfig  # noqa: E402
 from twin_common.train_config import TrainConfig  # noqa: E402
 
@@ -169,8 +169,8 @@ def collective_bytes(hlo: str, mesh, cfg, tcfg, shape) -> list[tuple[str, str, s
     backward over "model"; over "data", one all-reduce of the (local) gradients."""
     import re
 
-    from parity_tests.sharded_harness import _replica_groups, model_axis_groups
-    from weight_conversion.table import table_for
+    from twin_parity.sharded_harness import replica_groups, model_axis_groups
+    from twin_common.params import table_for
 
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
     model_groups, data_groups = model_axis_groups(ids), model_axis_groups(ids.T)
@@ -184,7 +184,7 @@ def collective_bytes(hlo: str, mesh, cfg, tcfg, shape) -> list[tuple[str, str, s
         payload = sum(_BYTES.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
                       for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)))  # fmt: skip
         g = re.search(r"replica_groups=(\{(?:\{[\d,\s]*\},?)*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)", line)
-        groups = sorted(map(sorted, _replica_groups(g.group(1)))) if g else every
+        groups = sorted(map(sorted, replica_groups(g.group(1)))) if g else every
         groups = groups or every
         axis = ("model" if groups == model_groups else "data" if groups == data_groups
                 else "both" if groups == every else "other")  # fmt: skip

@@ -1,5 +1,5 @@
 """Build docs/guide.md from docs/guide.in.md: code excerpts come from the real source, the pitfall
-table from running the checks in parity_tests/pitfalls.py.
+table from running the checks in twin_parity/pitfalls.py.
 
     python -m scripts.build_guide            # regenerate everything, measurements included
     python -m scripts.build_guide --check    # exit 1 if any code excerpt or the prose is stale
@@ -115,7 +115,7 @@ def _fmt(value) -> str:
 
 
 def render_pitfalls() -> str:
-    from parity_tests.pitfalls import measure_all
+    from twin_parity.pitfalls import measure_all
 
     # One list item per pitfall, not a six-column table: the table needed 1118 px, a page has ~900.
     items = []

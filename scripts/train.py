@@ -29,8 +29,8 @@ from scripts.trainers import MODELS, configs, data_info, load_data, make_trainer
 from twin_common import GPTConfig
 from twin_common import data as D
 from twin_common.config import RUNTIME_FIELDS, config_differences
-from twin_common.mesh import run_for_this_process
-from twin_common.mesh import setup as mesh_setup
+from scripts.sharded_run import run_for_this_process
+from scripts.sharded_run import setup as mesh_setup
 from twin_common.precision import matched_precision
 from twin_common.train_config import TrainConfig
 from weight_conversion.checkpoint import read_checkpoint_metadata

@@ -14,7 +14,7 @@ import numpy as np
 from scripts.run_folder import RunError
 from twin_common import GPTConfig
 from twin_common import data as D
-from twin_common.mesh import sharded_trainer
+from scripts.sharded_run import sharded_trainer
 from twin_common.train_config import TrainConfig
 
 MODELS = {

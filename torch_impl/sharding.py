@@ -3,7 +3,7 @@
 Twin of jax_impl/sharding.py: same functions, same order; read the two side by side.
 
 The plan is not written here: it is read from the conversion table's ``split`` column
-(weight_conversion/table.py). A Linear whose weight is split by output features becomes
+(twin_common/params.py). A Linear whose weight is split by output features becomes
 ColwiseParallel, one split by input features RowwiseParallel; everything else stays whole.
 
 One process per device, started by torchrun (or torch.multiprocessing, forking, in the tests), each
@@ -26,7 +26,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from torch_impl.train import Trainer
 from twin_common.mesh import AXES, MeshShape, check_mesh
-from weight_conversion.table import Split, table_for
+from twin_common.params import Split, table_for
 
 # How long a rank waits in a collective for the others before it gives up with an error (gloo's
 # and NCCL's default is 10 minutes; a killed peer usually surfaces at once as a closed connection).

@@ -23,7 +23,7 @@ from unittest import mock
 import numpy as np
 
 import weight_conversion as wc
-from parity_tests import harness as h
+from twin_parity import harness as h
 from twin_common import BlockConfig
 from twin_common.precision import matched_precision
 
@@ -313,7 +313,7 @@ def check_adamw_defaults() -> Measurement:
     from flax import nnx
 
     from jax_impl.gpt import loss_fn as flax_loss
-    from parity_tests import train_harness as th
+    from twin_parity import train_harness as th
     from torch_impl.gpt import loss_fn as torch_loss
 
     cfg, tcfg = th.SMALL_GPT, th.TRAJECTORY
@@ -456,7 +456,7 @@ def check_embed_dtype() -> Measurement:
     from flax import nnx
 
     from jax_impl.gpt import GPT
-    from parity_tests.train_harness import SMALL_GPT
+    from twin_parity.train_harness import SMALL_GPT
 
     def to_bf16(model):
         params = nnx.state(model, nnx.Param)
@@ -500,14 +500,14 @@ PITFALLS: tuple[Pitfall, ...] = (
         "linear-layout", "Linear weight layout",
         "torch nn.Linear stores weight as (out, in) and computes x @ W.T; Flax nnx.Linear stores "
         "kernel as (in, out) and computes x @ K, so a square weight copied as is loads without error.",
-        "The conversion table (weight_conversion/table.py) marks every Linear weight Transform.TRANSPOSE.",
+        "The conversion table (twin_common/params.py) marks every Linear weight Transform.TRANSPOSE.",
         check_linear_layout,
     ),
     Pitfall(
         "fused-qkv-split", "Fused QKV split order",
         "Checkpoints such as GPT-2's c_attn store q, k, v stacked in one (3C, C) weight; splitting "
         "it in another order (e.g. k, q, v) loads without error and computes wrong attention.",
-        "Both twins keep separate q_proj/k_proj/v_proj, and the table in weight_conversion/table.py "
+        "Both twins keep separate q_proj/k_proj/v_proj, and the table in twin_common/params.py "
         "names each by key, so no split order is inferred.",
         check_fused_qkv_split,
     ),
@@ -548,7 +548,7 @@ PITFALLS: tuple[Pitfall, ...] = (
         "torch.optim.AdamW defaults to weight_decay=1e-2, optax.adamw to 1e-4, and optax decays "
         "every parameter unless given a mask.",
         "twin_common/train_config.py TrainConfig pins every hyperparameter and the decay mask comes "
-        "from ParamSpec.decay (weight_conversion/table.py) in both torch_impl/train.py and "
+        "from ParamSpec.decay (twin_common/params.py) in both torch_impl/train.py and "
         "jax_impl/train.py.",
         check_adamw_defaults,
     ),

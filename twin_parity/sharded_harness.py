@@ -9,8 +9,8 @@ and writes Result rows (the report's and the tests' format) plus the arrays the 
 checks need. Every run starts from one init file (the torch twin's init, converted), on the same
 batches (train_harness.token_batch).
 
-    python -m parity_tests.sharded_harness jax   OUT INIT --meshes 1x2 2x2 [--resume-save PATH]
-    python -m parity_tests.sharded_harness torch OUT INIT --mesh 2x2 [--resume-from PATH]
+    python -m twin_parity.sharded_harness jax   OUT INIT --meshes 1x2 2x2 [--resume-save PATH]
+    python -m twin_parity.sharded_harness torch OUT INIT --mesh 2x2 [--resume-from PATH]
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import time
 
 import numpy as np
 
-from parity_tests.harness import Result
-from parity_tests.train_harness import OUTPUT_INVARIANT_SUFFIXES, SMALL_GPT, TRAJECTORY, token_batch, uniform_ratio
+from twin_parity.harness import Result
+from twin_parity.train_harness import OUTPUT_INVARIANT_SUFFIXES, SMALL_GPT, TRAJECTORY, token_batch, uniform_ratio
 from twin_common import BlockConfig
 from twin_common.mesh import MeshShape
 
@@ -120,7 +120,7 @@ def compare_training(check: str, ref_losses, ref_weights, losses, weights, *, me
 # ----------------------------------------------------------------------------------- HLO counting
 
 
-def _replica_groups(text: str) -> list[list[int]]:
+def replica_groups(text: str) -> list[list[int]]:
     """XLA's replica_groups in either spelling: {{0,1},{2,3}} or the iota form [2,2]<=[4] /
     [2,2]<=[2,2]T(1,0)."""
     text = text.strip()
@@ -146,7 +146,7 @@ def hlo_collectives(hlo: str) -> list[tuple[str, list[list[int]]]]:
         if not m or "-done(" in line:
             continue
         groups = re.search(r"replica_groups=(\{(?:\{[\d,\s]*\},?)*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)", line)
-        found.append((m.group(1), _replica_groups(groups.group(1)) if groups else []))
+        found.append((m.group(1), replica_groups(groups.group(1)) if groups else []))
     return found
 
 
@@ -209,7 +209,7 @@ def _jax_worker(out: str, init: str, meshes: list[MeshShape], resume_save: str |
     from jax_impl.train import Trainer, flax_path, split
     from twin_common.precision import matched_precision
     from weight_conversion.safetensors_io import load_file
-    from weight_conversion.table import table_for
+    from twin_common.params import table_for
 
     weights, _ = load_file(init)
     block_init = {k.removeprefix("blocks.0."): v for k, v in weights.items() if k.startswith("blocks.0.")}
@@ -298,7 +298,7 @@ def _jax_worker(out: str, init: str, meshes: list[MeshShape], resume_save: str |
             losses, (w, optim, step) = train(trainer, range(RESUME_AT))
             save_checkpoint(resume_save, GPT_CFG, w, optim, step, {"framework": "jax", "mesh": "data=2,model=2"})
         if sabotage:  # a wrong plan, to show that the collective check can fail: out_proj split like q_proj
-            from weight_conversion import table as T
+            from twin_common import params as T
 
             honest = S.table_for
             S.table_for = lambda cfg: tuple(
@@ -570,7 +570,7 @@ def _unplain(node):
 
 def write_init(path: str) -> None:
     """The one init every run starts from: the torch twin's (seed 0), in the interchange file."""
-    from parity_tests.train_harness import new_torch_gpt
+    from twin_parity.train_harness import new_torch_gpt
 
     import weight_conversion as wc
 
@@ -590,7 +590,7 @@ def run_worker(framework: str, out: str, init: str, *args: str, timeout: float =
         env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     os.makedirs(out, exist_ok=True)
-    cmd = [sys.executable, "-m", "parity_tests.sharded_harness", framework, out, init, *args]
+    cmd = [sys.executable, "-m", "twin_parity.sharded_harness", framework, out, init, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{framework} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")

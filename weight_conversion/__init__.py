@@ -1,6 +1,6 @@
 """Move weights between the PyTorch and Flax NNX twins, in memory or through safetensors files.
 
-One table (``weight_conversion.table``) drives both directions. Everything is checked before
+One table (``twin_common.params``) drives both directions. Everything is checked before
 anything is applied: a ConversionError lists every missing or unexpected key, wrong shape, wrong
 dtype and non-finite value, and the target model is left untouched.
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from twin_common.config import RUNTIME_FIELDS, config_differences
 from weight_conversion.safetensors_io import CheckpointError, load_file, read_header, save_file
-from weight_conversion.table import ParamSpec, Transform, block_table, table_for
+from twin_common.params import ParamSpec, Transform, block_table, table_for
 from weight_conversion.validate import FLOAT_DTYPES, ConversionError
 
 __all__ = [

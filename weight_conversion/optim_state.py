@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from weight_conversion.table import table_for
+from twin_common.params import table_for
 from weight_conversion.validate import FLOAT_DTYPES, ConversionError, find_problems
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # torch's names; optax calls them mu and nu
