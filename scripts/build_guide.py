@@ -1,5 +1,5 @@
 """Build docs/guide.md from docs/guide.in.md: code excerpts come from the real source, the pitfall
-table from running the checks in twin_parity/pitfalls.py.
+table from running the checks in twin_parity/pitfalls/.
 
     python -m scripts.build_guide            # regenerate everything, measurements included
     python -m scripts.build_guide --check    # exit 1 if any code excerpt or the prose is stale
