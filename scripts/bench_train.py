@@ -169,7 +169,7 @@ def collective_bytes(hlo: str, mesh, cfg, tcfg, shape) -> list[tuple[str, str, s
     backward over "model"; over "data", one all-reduce of the (local) gradients."""
     import re
 
-    from twin_parity.sharded_harness import replica_groups, model_axis_groups
+    from twin_parity.sharded_hlo import model_axis_groups, replica_groups
     from twin_common.params import table_for
 
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
