@@ -182,3 +182,16 @@ def test_the_rooms_are_the_packages_on_disk():
     on_disk = {p.parent.name for p in REPO.glob("*/__init__.py")}
     assert on_disk == set(ALLOWED), f"rooms {sorted(ALLOWED)}, packages on disk {sorted(on_disk)}"
     assert os.path.exists(REPO / "docs" / "architecture.md")
+
+
+@pytest.mark.parametrize("script", ["trainers", "bench_train", "bench_generate", "bench_io"])
+def test_a_model_name_means_one_model_in_every_script(script):
+    """"small" and "gpt2" once meant three different models across four scripts."""
+    import importlib
+
+    from twin_common.presets import PRESETS
+
+    offered = importlib.import_module(f"scripts.{script}").MODELS
+    for name, value in offered.items():
+        cfg = value[0] if isinstance(value, tuple) else value  # bench_train: (config, batch)
+        assert cfg == PRESETS[name], f"scripts.{script} --model {name} is not the preset {name}"

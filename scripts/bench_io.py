@@ -32,11 +32,9 @@ import time
 import numpy as np
 
 from twin_common import GPTConfig
+from twin_common.presets import presets
 
-MODELS = {
-    "gpt2": GPTConfig(vocab_size=50257, block_size=1024, n_layers=12, d_model=768, n_heads=12),
-    "small": GPTConfig(vocab_size=256, block_size=64, n_layers=2, d_model=128, n_heads=4),
-}
+MODELS = presets("gpt2", "small")  # gpt2: GPT-2 124M (the I/O figures depend on its shapes only)
 TARGETS = {"conversion": 2.0, "save_load": 1.2, "memory": 1.1}
 
 

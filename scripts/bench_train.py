@@ -4,8 +4,8 @@
     python -m scripts.bench_train --model wide          # 4 layers x 256: a second shape
     python -m scripts.bench_train --profile             # and the top ops of each framework's step
     python -m scripts.bench_train --threads 1           # both frameworks on one core
-    python -m scripts.bench_train --model gpt2 --bf16   # GPT-2 124M shape, 16 x 1024 tokens
-    python -m scripts.bench_train --model gpt2 --bf16 --attention cudnn library   # each attention kernel
+    python -m scripts.bench_train --model gpt2-padded --bf16   # GPT-2 124M shape, 16 x 1024 tokens
+    python -m scripts.bench_train --model gpt2-padded --bf16 --attention cudnn library   # each attention kernel
     python -m scripts.bench_train --mesh data=2,model=2 --cpu-devices 8   # JAX sharded, + collectives
 
 Every mode is built and warmed up first (compilation excluded), then the modes take turns, one
@@ -41,13 +41,10 @@ import numpy as np  # noqa: E402
 
 from twin_parity.harness import framework_missing  # noqa: E402
 from twin_common import GPTConfig  # noqa: E402
+from twin_common.presets import presets  # noqa: E402
 from twin_common.train_config import TrainConfig  # noqa: E402
 
-MODELS = {
-    "small": (GPTConfig(vocab_size=256, block_size=64, n_layers=2, d_model=128, n_heads=4), 16),
-    "wide": (GPTConfig(vocab_size=256, block_size=64, n_layers=4, d_model=256, n_heads=4), 16),
-    "gpt2": (GPTConfig.nanogpt_124m_padded(), 16),
-}
+MODELS = {name: (cfg, 16) for name, cfg in presets("small", "wide", "gpt2-padded").items()}  # (config, batch)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
 
