@@ -231,7 +231,7 @@ def main(argv=None) -> int:
                   "--check --measure compares them on this machine")
         return 0
     text = build(measure=not args.code_only, previous=previous)
-    from weight_conversion.safetensors_io import write_atomic
+    from twin_common.files import write_atomic
 
     write_atomic(OUTPUT, text.encode())
     print(f"wrote {os.path.relpath(OUTPUT, REPO)}")

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from scripts.run_folder import write_json_atomic
+from twin_common.files import write_json_atomic
 from scripts.trainers import configs, load_data, make_trainer, progress, val_loss
 from twin_common import data as D
 

@@ -47,7 +47,7 @@ from twin_common import BlockConfig
 from twin_common.precision import describe as describe_precision
 from twin_common.precision import matched_precision
 from twin_common.tolerances import TOLERANCES
-from weight_conversion.safetensors_io import cannot_write, write_atomic
+from twin_common.files import cannot_write, write_atomic
 
 HEAD_COUNTS = (1, 4)  # the lesson's single head, and several heads
 

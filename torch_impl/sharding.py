@@ -179,7 +179,7 @@ class ShardedTrainer(Trainer):
 
     def state(self):
         """(weights, optimizer moments, step), gathered, in the interchange layout (on every rank)."""
-        from weight_conversion.optim_state import MOMENTS
+        from weight_conversion.optim_state import MOMENTS, optim_key
         from weight_conversion.torch_side import tensor_to_numpy
 
         params = self.params
@@ -189,7 +189,7 @@ class ShardedTrainer(Trainer):
             weights[spec.torch_key] = tensor_to_numpy(gather(p.detach()))
             state = self.optimizer.state.get(p, {})
             for m in MOMENTS:
-                optim[f"optim.{m}.{spec.torch_key}"] = (
+                optim[optim_key(m, spec.torch_key)] = (
                     tensor_to_numpy(gather(state[m])) if state else np.zeros(spec.torch_shape, np.float32)
                 )
             steps.add(int(state["step"]) if state else 0)
@@ -199,7 +199,7 @@ class ShardedTrainer(Trainer):
 
     def load(self, weights: dict, optim: dict, step: int) -> None:
         """Every rank reads the same gathered arrays and keeps its own slices; checks first."""
-        from weight_conversion.optim_state import MOMENTS, check_optim_arrays
+        from weight_conversion.optim_state import MOMENTS, check_optim_arrays, optim_key
         from weight_conversion.torch_side import numpy_to_tensor
         from weight_conversion.validate import check
 
@@ -213,6 +213,6 @@ class ShardedTrainer(Trainer):
                 p.copy_(place_like(numpy_to_tensor(weights[spec.torch_key]), p))
                 self.optimizer.state[p] = {
                     "step": torch.tensor(float(step), dtype=torch.float32),
-                    **{m: place_like(numpy_to_tensor(optim[f"optim.{m}.{spec.torch_key}"]), p) for m in MOMENTS},
+                    **{m: place_like(numpy_to_tensor(optim[optim_key(m, spec.torch_key)]), p) for m in MOMENTS},
                 }
         self.step_count = step

@@ -30,7 +30,8 @@ import numpy as np
 from twin_common import GPTConfig
 from twin_common.config import RUNTIME_FIELDS, config_differences
 from weight_conversion.hf_gpt2_table import hf_gpt2_table, to_hf, to_twin
-from weight_conversion.safetensors_io import CheckpointError, load_file, save_file, write_atomic
+from twin_common.files import umask, write_atomic
+from weight_conversion.safetensors_io import CheckpointError, load_file, save_file
 from weight_conversion.validate import ConversionError, find_problems_by_shape
 
 __all__ = ["export_hf_gpt2", "gpt2_config_from_dir", "gpt2_config_from_hf", "import_hf_gpt2", "hf_config_from_gpt"]
@@ -285,14 +286,8 @@ def export_hf_gpt2(model, directory: str | os.PathLike, *, overwrite: bool = Fal
     try:
         save_file(arrays, os.path.join(tmp, WEIGHTS_FILE), {"format": "pt"})
         write_atomic(os.path.join(tmp, CONFIG_FILE), cfg_doc)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; give it what mkdir would
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700; give it what mkdir would
         os.rename(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
