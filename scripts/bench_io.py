@@ -79,7 +79,7 @@ def measure_memory(op: str, model: str, path: str) -> None:
 
 
 def _memory(op: str, model: str, path: str) -> float:
-    out = subprocess.run([sys.executable, "-m", "scripts.bench_io", "--measure-memory", op, "--model", model,
+    out = subprocess.run([sys.executable, "-m", f"{__package__}.bench_io", "--measure-memory", op, "--model", model,
                           "--path", path], capture_output=True, text=True, check=True)  # fmt: skip
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return result["extra"] / result["model_bytes"]

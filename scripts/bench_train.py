@@ -67,7 +67,7 @@ class Mode:
 def torch_mode(name, cfg, tcfg, batches, compile_: bool, bf16: bool, device: str) -> Mode:
     import torch
 
-    from scripts.profile_ops import profile_torch
+    from .profile_ops import profile_torch
     from torch_impl.gpt import GPT
     from torch_impl.train import Trainer
 
@@ -105,7 +105,7 @@ def trainer_mode(name, trainer, batches, hlo) -> Mode:
     """A Mode around a JAX Trainer (plain or sharded); ``hlo()``: its compiled step's text."""
     import jax
 
-    from scripts.profile_ops import profile_jax
+    from .profile_ops import profile_jax
 
     it = itertools.count()
     last = []
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
     print(f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after; {args.steps} rounds, modes interleaved",
           file=sys.stderr)  # fmt: skip
     if args.profile:
-        from scripts.profile_ops import by_kind
+        from .profile_ops import by_kind
 
         for m in modes:
             prof = m.profile(max(3, min(args.steps, 10)))

@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from scripts.generate import UsageError, load_config, load_model, resolve
+from .generate import UsageError, load_config, load_model, resolve
 from twin_common.files import cannot_write
 from twin_common.precision import matched_precision
 from weight_conversion.preflight import check_fits

@@ -11,11 +11,11 @@ import sys
 
 import numpy as np
 
-from scripts.run_folder import RunError
+from .run_folder import RunError
 from twin_common import GPTConfig
 from twin_common.presets import presets
 from twin_common import data as D
-from scripts.sharded_run import sharded_trainer
+from .sharded_run import sharded_trainer
 from twin_common.train_config import TrainConfig
 
 MODELS = presets("tiny", "small", "gpt2-padded")
