@@ -144,15 +144,15 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
           "torch_impl/sharding.py": "from twin_common.mesh import AXES\n"},
          "upward arrow: twin_common.mesh imports torch_impl.sharding"),
         # the converter reading the model from a twin
-        ({"weight_conversion/table.py": "import jax_impl.gpt\n", "jax_impl/gpt.py": ""},
-         "upward arrow: weight_conversion.table imports jax_impl.gpt"),
+        ({"weight_conversion/layout.py": "import jax_impl.gpt\n", "jax_impl/gpt.py": ""},
+         "upward arrow: weight_conversion.layout imports jax_impl.gpt"),
         # one twin importing the other
         ({"jax_impl/train.py": "from torch_impl.train import Trainer\n", "torch_impl/train.py": ""},
          "upward arrow: jax_impl.train imports torch_impl.train"),
         # a script importing the proof library from the test folder
-        ({"scripts/bench_train.py": "from parity_tests.sharded_harness import replica_groups\n",
-          "parity_tests/sharded_harness.py": ""},
-         "upward arrow: scripts.bench_train imports parity_tests.sharded_harness"),
+        ({"scripts/bench_train.py": "from parity_tests.sharded_helpers import replica_groups\n",
+          "parity_tests/sharded_helpers.py": ""},
+         "upward arrow: scripts.bench_train imports parity_tests.sharded_helpers"),
         # a test importing conftest.py, and one test importing another
         ({"parity_tests/test_a.py": "from parity_tests.conftest import HAVE_JAX\n", "parity_tests/conftest.py": ""},
          "parity_tests.test_a imports the test file parity_tests.conftest"),
