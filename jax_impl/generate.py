@@ -190,3 +190,18 @@ def run(
 def generate(model: GPT, prompts, max_new_tokens: int, sampling: Sampling = Sampling(), **kwargs) -> list[list[int]]:
     """The new tokens of each row (see ``run`` for the arguments)."""
     return run(model, prompts, max_new_tokens, sampling, **kwargs).tokens
+
+
+def continue_prompt(model: GPT, prompt: list[int], n_new: int, temperature: float = 1.0, seed: int = 0) -> list[int]:
+    """Sample ``n_new`` tokens after ``prompt`` (temperature 0: greedy); returns prompt + new tokens.
+    The KV-cache path (run, above), for the Trainer's ``sample``. Past block_size the
+    context restarts from its last block_size // 2 tokens (one new prefill), with seed + 1."""
+    size, tokens = model.cfg.block_size, list(prompt)
+    for chunk in range(n_new + 1):
+        remaining = len(prompt) + n_new - len(tokens)
+        if remaining <= 0:
+            break
+        context = tokens[-max(1, size // 2) :] if chunk else tokens[-(size - 1) :]
+        n = min(remaining, size - len(context))
+        tokens += run(model, [context], n, Sampling(temperature), seed=seed + chunk).tokens[0]
+    return tokens

@@ -3,7 +3,7 @@
 Twin of torch_impl/sharding.py: same functions, same order; read the two side by side.
 
 The specs are not written here: they are read from the conversion table's ``split`` column
-(weight_conversion/table.py), through the table's transform into the Flax layout (kernel (in, out)).
+(twin_common/params.py), through the table's transform into the Flax layout (kernel (in, out)).
 The model code never mentions devices: XLA's SPMD partitioner (GSPMD) propagates the parameter
 layouts through the program and inserts the two all-reduces per block itself.
 
@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax_impl.train import Trainer, flax_path, make_eval_loss, make_train_step, split
 from twin_common.checks import check_token_input
 from twin_common.mesh import AXES, MeshShape, check_mesh
-from weight_conversion.table import table_for
+from twin_common.params import table_for
 
 
 def devices() -> list:

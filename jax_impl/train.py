@@ -20,7 +20,7 @@ from jax_impl.gpt import GPT, loss_fn
 from twin_common.checks import check_token_input
 from twin_common.train_config import TrainConfig
 from weight_conversion.flax_side import flax_path
-from weight_conversion.table import table_for
+from twin_common.params import table_for
 
 
 def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformation:
@@ -193,9 +193,9 @@ class Trainer:
         self._commit()
 
     def sample(self, prompt: list[int], n_new: int, temperature: float = 0.8, seed: int = 0) -> list[int]:
-        from jax_impl.gpt import generate
+        from jax_impl.generate import continue_prompt
 
-        tokens = generate(self.sync_model(), prompt, n_new, temperature, seed)
+        tokens = continue_prompt(self.sync_model(), prompt, n_new, temperature, seed)
         self.model.clear_cache()  # the KV cache is for generation only: leave the model as it was
         self.model.train()
         return tokens

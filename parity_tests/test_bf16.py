@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from parity_tests import harness as h
-from parity_tests.conftest import jax_device, jax_platform_params, torch_device_params
+from twin_parity import harness as h
+from twin_parity.testing import jax_device, jax_platform_params, torch_device_params
 from twin_common import BlockConfig
 
 

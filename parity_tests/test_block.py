@@ -16,7 +16,7 @@ from flax import nnx
 
 import jax_impl.block as jb
 import torch_impl.block as tb
-from parity_tests import harness as h
+from twin_parity import harness as h
 from twin_common import BlockConfig
 from weight_conversion.torch_side import numpy_to_tensor, tensor_to_numpy
 

@@ -126,7 +126,7 @@ def _weights_file_saying(made, tmp, **changes) -> str:
 def _run_whose_checkpoint_says(made, tmp, **changes) -> str:
     """A run folder whose latest checkpoint (hash and latest.json consistent) records a config that
     disagrees with its tensors."""
-    from scripts.run_folder import write_json_atomic
+    from twin_common.files import write_json_atomic
     from weight_conversion.checkpoint import save_checkpoint
     from weight_conversion.safetensors_io import HASH_KEY, load_file, read_header
 

@@ -29,10 +29,10 @@ from flax import nnx
 
 import weight_conversion as wc
 import weight_conversion.safetensors_io as st_io
-from parity_tests import harness
+from twin_parity import harness
 from twin_common import BlockConfig
 from twin_common.precision import MATMUL_PRECISION, matched_precision
-from weight_conversion.table import Transform
+from twin_common.params import Transform
 from weight_conversion.torch_side import tensor_to_numpy
 
 CFG = BlockConfig(d_model=32, n_heads=2, block_size=8)  # C = 32, H = 128

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from parity_tests.train_harness import worst_offender
+from twin_parity.train_harness import worst_offender
 
 
 def test_the_largest_relative_error_is_blamed_not_the_first_key():
@@ -33,7 +33,7 @@ def test_resume_names_the_parameter_whose_optimizer_state_was_lost(monkeypatch, 
     parameter is off by more than 1e-5, and the row must still name that one."""
     pytest.importorskip("torch", reason="needs both frameworks")
     pytest.importorskip("flax", reason="needs both frameworks")
-    from parity_tests.train_harness import resume_check
+    from twin_parity.train_harness import resume_check
     from weight_conversion import optim_state
 
     key = "blocks.1.mlp.fc_in.weight"

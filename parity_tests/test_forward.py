@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from parity_tests import harness as h
-from parity_tests.conftest import backend_pairs, jax_device, jax_platform_params, torch_device_params
+from twin_parity import harness as h
+from twin_parity.testing import backend_pairs, jax_device, jax_platform_params, torch_device_params
 from twin_common import BlockConfig
 
 

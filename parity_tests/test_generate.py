@@ -17,8 +17,8 @@ import torch  # noqa: E402
 import jax_impl.generate as jg  # noqa: E402
 import torch_impl.generate as tg  # noqa: E402
 import weight_conversion as wc  # noqa: E402
-from parity_tests import generate_harness as gh  # noqa: E402
-from parity_tests import train_harness as th  # noqa: E402
+from twin_parity import generate_harness as gh  # noqa: E402
+from twin_parity import train_harness as th  # noqa: E402
 from twin_common import GPTConfig  # noqa: E402
 from twin_common.generation import (  # noqa: E402
     LOGIT_TOL, Generation, Sampling, compare_generations, decision_margin, kept_probabilities,
@@ -238,9 +238,9 @@ def test_bad_requests_are_refused_before_anything_runs(framework, bad, message):
 
 
 def test_the_trainers_sample_past_block_size_matches_across_frameworks(pair):
-    """gpt.generate (the Trainers' sample) restarts the context past block_size; both twins agree."""
-    from jax_impl.gpt import generate as jax_generate
-    from torch_impl.gpt import generate as torch_generate
+    """generate.continue_prompt (the Trainers' sample) restarts the context past block_size; both twins agree."""
+    from jax_impl.generate import continue_prompt as jax_generate
+    from torch_impl.generate import continue_prompt as torch_generate
 
     with matched_precision():
         a = torch_generate(pair["torch"], [1, 2, 3], 70, temperature=0.8, seed=5)

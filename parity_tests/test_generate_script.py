@@ -15,7 +15,7 @@ pytest.importorskip("flax", reason="needs both frameworks")
 import torch  # noqa: E402
 
 import weight_conversion as wc  # noqa: E402
-from parity_tests import train_harness as th  # noqa: E402
+from twin_parity import train_harness as th  # noqa: E402
 from scripts import generate as G  # noqa: E402
 from scripts import train as T  # noqa: E402
 from twin_common import GPTConfig  # noqa: E402

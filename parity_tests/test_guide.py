@@ -41,7 +41,7 @@ def test_the_check_notices_a_changed_source(monkeypatch):
 
 
 def test_every_pitfall_has_a_measured_row():
-    from parity_tests.pitfalls import PITFALLS
+    from twin_parity.pitfalls import PITFALLS
 
     committed = _committed()
     section = re.search(r"<!-- BEGIN pitfalls -->\n(.*?)\n<!-- END pitfalls -->", committed, re.S)

@@ -26,7 +26,7 @@ from transformers import GPT2LMHeadModel
 import weight_conversion as wc
 import weight_conversion.hf_gpt2 as hg
 import weight_conversion.hf_gpt2_table as ht
-from parity_tests import hf_harness as hh
+from twin_parity import hf_harness as hh
 from twin_common import GPTConfig
 from twin_common.precision import matched_precision
 from twin_common.reference import gpt2_forward, read_gpt2_config
@@ -389,7 +389,7 @@ def test_a_config_mapping_bug_fails_verify_and_the_float64_row(bug, framework, m
 def test_verify_catches_a_twin_table_mistake(monkeypatch):
     """Twin <-> twin: a k/v swap in the twin table loads silently; verify names the sublayer."""
     import weight_conversion.flax_side as fs
-    from weight_conversion.table import table_for
+    from twin_common.params import table_for
 
     cfg = GPTConfig(vocab_size=96, block_size=16, n_layers=2, d_model=32, n_heads=4)
     source, target = perturbed_twin("torch", cfg), hh.new_twin("jax", cfg)
@@ -416,7 +416,7 @@ def test_verify_refuses_bfloat16_before_changing_anything():
 def test_block_conversion_verifies_in_both_directions():
     """A block (not a GPT), in float64: verify runs JAX in x64 mode with a float64 probe.
     (float32 twin <-> twin verify is covered by the GPT test above.)"""
-    from parity_tests import harness
+    from twin_parity import harness
 
     dtype = "float64"
     with matched_precision(x64=True):

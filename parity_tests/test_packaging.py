@@ -88,18 +88,38 @@ def test_no_team_only_text_in_the_product():
     assert not hits, "\n".join(hits)
 
 
-def test_the_converter_imports_neither_twin():
-    """weight_conversion is what both twins import: it must not import a twin's modules back (it
-    imported jax_impl.train for a path helper, a circle through the trainer)."""
-    folder = os.path.join(REPO, "weight_conversion")
+GENERIC = {"scripts", "parity_tests", "tests", "test", "utils", "common", "src", "examples", "docs"}
+
+
+def test_the_wheel_installs_no_generic_top_level_names():
+    """A wheel that installs a top-level "scripts" or "parity_tests" collides with other projects'
+    in one environment; the command lines install as twin_scripts (from the scripts/ folder)."""
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        setuptools = tomllib.load(f)["tool"]["setuptools"]
+    folders = setuptools.get("package-dir", {})
+    top = {name.split(".")[0] for name in setuptools["packages"]}
+    assert not top & GENERIC, f"installed under generic names: {sorted(top & GENERIC)}"
+    for name in setuptools["packages"]:
+        first, _, rest = name.partition(".")
+        folder = os.path.join(REPO, folders.get(first, first), *rest.split(".") if rest else [])
+        assert os.path.exists(os.path.join(folder, "__init__.py")), f"package {name}: no {folder}/__init__.py"
+    for command, target in PROJECT["scripts"].items():
+        module = target.split(":")[0]
+        first, _, rest = module.partition(".")
+        assert first in top, f"{command} runs {module}, which the wheel does not install"
+        assert os.path.exists(os.path.join(REPO, folders.get(first, first), rest + ".py")), f"{command}: no {module}"
+
+
+def test_the_command_lines_import_each_other_relatively():
+    """Installed as twin_scripts, ``from scripts.x import`` would fail: scripts/ imports itself with
+    ``from .x import``."""
+    folder = os.path.join(REPO, "scripts")
     for name in sorted(os.listdir(folder)):
-        if not name.endswith(".py"):
-            continue
-        with open(os.path.join(folder, name)) as f:
-            tree = ast.parse(f.read())
-        for node in ast.walk(tree):
-            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom):
-                modules = [node.module or ""]
-            bad = [m for m in modules if m.split(".")[0] in ("torch_impl", "jax_impl")]
-            assert not bad, f"weight_conversion/{name} imports {bad}"
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name)) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and not node.level:
+                    modules = [node.module or ""]
+                assert not [m for m in modules if m.split(".")[0] == "scripts"], f"scripts/{name}: {modules}"

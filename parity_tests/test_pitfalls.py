@@ -15,8 +15,8 @@ import dataclasses
 
 import jax
 
-from parity_tests.pitfalls import PITFALLS, Measurement, Pitfall
-from parity_tests.train_harness import TRAIN_TOLERANCE
+from twin_parity.pitfalls import PITFALLS, Measurement, Pitfall
+from twin_parity.train_harness import TRAIN_TOLERANCE
 from twin_common.tolerances import TOLERANCES
 
 F32 = TOLERANCES["float32"].atol  # 1e-5

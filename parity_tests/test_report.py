@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from parity_tests.conftest import HAVE_JAX, HAVE_TORCH
+from twin_parity.testing import HAVE_JAX, HAVE_TORCH
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # sys.modules["torch"] = None makes every "import torch" raise ImportError, as on a TPU VM.
@@ -56,7 +56,7 @@ needs_both = pytest.mark.skipif(not (HAVE_TORCH and HAVE_JAX), reason="needs bot
 
 @needs_both
 def test_a_raising_check_is_a_failed_row_and_the_rest_still_runs(monkeypatch, tmp_path, capsys):
-    from parity_tests import harness as h
+    from twin_parity import harness as h
     from scripts import parity_report
     from weight_conversion import ConversionError
 
@@ -86,7 +86,7 @@ def test_table_names_the_failing_intermediate_when_the_output_is_within_toleranc
     row's max abs err column (the output's) is under its tolerance; the last column must say why it
     fails anyway: which sublayer, its error and its bound."""
     import jax_impl.block as jb
-    from parity_tests.pitfalls import flax_layer_norm
+    from twin_parity.pitfalls import flax_layer_norm
     from scripts import parity_report
 
     monkeypatch.setattr(jb, "layer_norm", flax_layer_norm(epsilon=1e-6))
@@ -105,7 +105,7 @@ def test_table_names_the_failing_intermediate_when_the_output_is_within_toleranc
 def test_a_crashed_worker_shows_its_cause_and_the_row_that_depends_on_it_says_so(monkeypatch, tmp_path, capsys):
     """The torch 2x2 worker dies on a plan error: its row shows the error's last line (the cause,
     not the traceback's first), and the torch-vs-JAX row, which compares its results, names it."""
-    from parity_tests import sharded_harness as sh
+    from twin_parity import sharded_harness as sh
     from scripts import parity_report
 
     cause = "ValueError: blocks.0.attn.v_proj.bias: the table says OUT, RowwiseParallel does REPLICATED"

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("torch", reason="needs both frameworks")
 pytest.importorskip("flax", reason="needs both frameworks")
 
-from parity_tests.test_safetensors_io import deadline  # noqa: E402
+from twin_parity.testing import deadline  # noqa: E402
 from scripts import train as T  # noqa: E402
 from scripts.run_folder import RunDir, RunError, check_extra  # noqa: E402
 from weight_conversion.checkpoint import read_checkpoint_metadata  # noqa: E402

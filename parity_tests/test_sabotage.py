@@ -18,12 +18,12 @@ import pytest
 import jax_impl.block as jb
 import weight_conversion.flax_side
 import weight_conversion.torch_side
-from parity_tests import harness as h
-from parity_tests.bf16_bugs import BF16_BUGS
-from parity_tests.pitfalls import flax_layer_norm
+from twin_parity import harness as h
+from twin_parity.bf16_bugs import BF16_BUGS
+from twin_parity.pitfalls import flax_layer_norm
 from scripts import parity_report
 from twin_common import BlockConfig
-from weight_conversion.table import Transform, table_for
+from twin_common.params import Transform, table_for
 
 CFG = BlockConfig.lesson(n_heads=4)
 
@@ -163,7 +163,7 @@ def _cache_slot_stuck_after_second_decode_step(monkeypatch):
 def test_kv_cache_row_names_the_first_position_over_its_bound(monkeypatch):
     """Decode step 3 is the first to read the stuck slot: row 0 (prompt length 5) at position 7,
     not the worst position near the end of the block."""
-    from parity_tests import generate_harness as gh
+    from twin_parity import generate_harness as gh
 
     _cache_slot_stuck_after_second_decode_step(monkeypatch)
     r = gh.kv_cache_check("torch", "float64")
@@ -174,7 +174,7 @@ def test_kv_cache_row_names_the_first_position_over_its_bound(monkeypatch):
 
 def test_grad_row_says_all_parameters_when_every_gradient_is_scaled(monkeypatch):
     """A data-parallel gradient summed over two replicas instead of averaged: every gradient x2."""
-    from parity_tests import train_harness as th
+    from twin_parity import train_harness as th
 
     honest = th._flax_grads
     monkeypatch.setattr(th, "_flax_grads", lambda *a: {k: 2 * v for k, v in honest(*a).items()})

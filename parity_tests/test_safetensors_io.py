@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import os
 import resource
-import signal
 import struct
-from contextlib import contextmanager
 
 import ml_dtypes
 import numpy as np
@@ -21,26 +19,11 @@ import weight_conversion.safetensors_io as st_io
 from twin_common import GPTConfig
 from weight_conversion.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from weight_conversion.optim_state import optim_keys
-from weight_conversion.table import table_for
+from twin_common.params import table_for
+from twin_parity.testing import deadline
 from weight_conversion.validate import ConversionError, count_nonfinite
 
 TINY = GPTConfig(vocab_size=16, block_size=8, n_layers=1, d_model=8, n_heads=2)
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail (instead of hanging the suite) if the body blocks, e.g. on a FIFO."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _file(tmp_path, header: str | bytes, body: bytes = b"\0" * 16, name="bad.safetensors"):

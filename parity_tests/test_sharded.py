@@ -2,7 +2,7 @@
 (forward with every intermediate, gradients, 20 AdamW steps), sharded torch against sharded JAX,
 a run resumed across meshes and frameworks, and the collectives Megatron predicts.
 
-The workers run in subprocesses (parity_tests/sharded_harness.py): JAX with 8 simulated devices,
+The workers run in subprocesses (twin_parity/sharded_harness.py): JAX with 8 simulated devices,
 torch with one forked gloo process per device. One worker call covers several checks, since
 starting one costs seconds. The default run covers every mesh family, tensor parallel (1x4 JAX,
 1x2 torch) and both axes together (2x2 in both); the other meshes the issue lists run under
@@ -15,8 +15,8 @@ import os
 
 import pytest
 
-from parity_tests import sharded_harness as sh
-from parity_tests.conftest import HAVE_JAX, HAVE_TORCH
+from twin_parity import sharded_harness as sh
+from twin_parity.testing import HAVE_JAX, HAVE_TORCH
 
 pytestmark = pytest.mark.skipif(not (HAVE_TORCH and HAVE_JAX), reason="needs torch and jax/flax")
 
@@ -269,7 +269,7 @@ def test_the_plan_comes_from_the_table():
     from jax_impl.sharding import tp_plan as jax_plan
     from torch_impl.sharding import tp_plan as torch_plan
     from twin_common import GPTConfig
-    from weight_conversion.table import Split, table_for
+    from twin_common.params import Split, table_for
 
     cfg = GPTConfig(d_model=32, n_heads=4, n_layers=1)
     t, j = torch_plan(cfg), jax_plan(cfg)
@@ -314,7 +314,8 @@ def _one_device_sample(ckpt: str, seq_len: int, n_new: int, seed: int) -> str:
     import torch
 
     import weight_conversion as wc
-    from torch_impl.gpt import GPT, generate
+    from torch_impl.generate import continue_prompt
+    from torch_impl.gpt import GPT
     from twin_common import GPTConfig
     from twin_common import data as D
     from weight_conversion.checkpoint import load_checkpoint, read_checkpoint_metadata
@@ -327,7 +328,7 @@ def _one_device_sample(ckpt: str, seq_len: int, n_new: int, seed: int) -> str:
     train, _ = D.split(D.generated_corpus(), seq_len)
     prompt = list(train[: min(8, seq_len)])
     with torch.no_grad():
-        return D.decode(generate(model.eval(), prompt, n_new, 0.8, seed))
+        return D.decode(continue_prompt(model.eval(), prompt, n_new, 0.8, seed))
 
 
 @pytest.mark.parametrize("legs", TRAIN_SCRIPT_LEGS, ids=lambda legs: "->".join(f"{f}:{m}" for f, m in legs))
@@ -367,6 +368,9 @@ def test_train_script_on_meshes_and_across_frameworks(tmp_path, legs):
         latest = json.load(f)
     assert latest["step"] == 4 and latest["framework"] == second[0]
     assert sorted(os.listdir(os.path.join(out, "ckpt"))) == ["step_000002.safetensors", "step_000004.safetensors"]
+    printed = proc.stdout.decode().split("sample:\n", 1)[1].removesuffix("\n")
+    expected = _one_device_sample(os.path.join(out, latest["checkpoint"]), seq_len=32, n_new=200, seed=0)
+    assert printed == expected
 
 
 # A wrong split in the shared table as the JAX worker sees it: out_proj split by output features
@@ -376,7 +380,7 @@ import os
 if os.environ.get("JAX_PLATFORMS") == "cpu":  # the JAX worker only
     import dataclasses
     from jax_impl import sharding as S
-    from weight_conversion import table as T
+    from twin_common import params as T
     honest = S.table_for
     S.table_for = lambda cfg: tuple(
         dataclasses.replace(s, split=T.Split.OUT_FEATURES) if s.torch_key.endswith("attn.out_proj.weight") else s
@@ -404,11 +408,6 @@ def test_report_fails_a_wrong_shared_split_in_jax_on_its_collectives(monkeypatch
     collective = [r for r in rows if r.startswith("sharded_collectives")]
     assert len(collective) == 2 and all(" FAIL " in r and "gpt: " in r and "(Megatron: " in r for r in collective), rows
     assert all(" PASS " in r for r in rows if r.startswith("sharded_forward")), rows
-
-
-    printed = proc.stdout.decode().split("sample:\n", 1)[1].removesuffix("\n")
-    expected = _one_device_sample(os.path.join(out, latest["checkpoint"]), seq_len=32, n_new=200, seed=0)
-    assert printed == expected
 
 
 def test_workers_write_the_rows_parity_report_announces(jax_default, torch_doc):

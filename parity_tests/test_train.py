@@ -32,8 +32,8 @@ import torch_impl.train as tt
 import weight_conversion as wc
 import weight_conversion.checkpoint as ckpt
 import weight_conversion.optim_state as optim_state
-from parity_tests import harness as h
-from parity_tests.train_harness import (
+from twin_parity import harness as h
+from twin_parity.train_harness import (
     OUTPUT_INVARIANT_SUFFIXES,
     SMALL_GPT,
     TRAIN_TOLERANCE,
@@ -51,7 +51,7 @@ from twin_common import BlockConfig
 from twin_common.precision import matched_precision
 from twin_common.train_config import TrainConfig
 from weight_conversion.safetensors_io import CheckpointError
-from weight_conversion.table import ParamSpec, table_for
+from twin_common.params import ParamSpec, table_for
 from weight_conversion.torch_side import numpy_to_tensor, tensor_to_numpy
 from weight_conversion.validate import ConversionError
 

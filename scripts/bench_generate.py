@@ -1,8 +1,8 @@
 """Generation benchmark: prefill time and decode tokens/s of both twins, with and without the KV
 cache, next to transformers' GPT-2 ``generate`` on the same weights, in one process.
 
-    python -m scripts.bench_generate                                  # small model and GPT-2 124M shape
-    python -m scripts.bench_generate --models small --batches 1       # a quick run
+    python -m scripts.bench_generate                                  # small-4x128 and GPT-2 124M shape
+    python -m scripts.bench_generate --models small-4x128 --batches 1 # a quick run
     python -m scripts.bench_generate --models gpt2 --new-tokens 32    # fewer decode steps
     python -m scripts.bench_generate --models gpt2 --device cuda --torch-compile default reduce-overhead \
         --hf-static --no-uncached                                     # on a GPU, every fast path
@@ -32,15 +32,12 @@ import time
 import numpy as np
 
 from twin_common import GPTConfig
+from twin_common.presets import presets
 from twin_common.generation import Sampling
 from twin_common.precision import matched_precision
 
-MODELS = {
-    # byte-level, long enough for prompt 128 + 128 new tokens
-    "small": GPTConfig(vocab_size=256, block_size=256, n_layers=4, d_model=128, n_heads=4, gelu_approximate="tanh"),
-    # GPT-2 124M's shape (vocabulary 50257 unpadded, tanh GELU), random weights
-    "gpt2": GPTConfig(vocab_size=50257, block_size=1024, n_layers=12, d_model=768, n_heads=12, gelu_approximate="tanh"),
-}
+# small-4x128: byte-level, context for prompt 128 + 128 new tokens; gpt2: GPT-2 124M's shape, random weights
+MODELS = presets("small-4x128", "gpt2")
 GREEDY = Sampling(temperature=0.0)
 # memory bandwidth in TB/s (vendor datasheets: H100 SXM 3.35, H200 4.8, A100 80GB SXM 2.039)
 BANDWIDTH_TBS = {"H200": 4.8, "H100": 3.35, "A100": 2.039}
@@ -182,7 +179,7 @@ def main(argv=None) -> int:
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["small", "gpt2"])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["small-4x128", "gpt2"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)

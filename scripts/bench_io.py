@@ -32,11 +32,9 @@ import time
 import numpy as np
 
 from twin_common import GPTConfig
+from twin_common.presets import presets
 
-MODELS = {
-    "gpt2": GPTConfig(vocab_size=50257, block_size=1024, n_layers=12, d_model=768, n_heads=12),
-    "small": GPTConfig(vocab_size=256, block_size=64, n_layers=2, d_model=128, n_heads=4),
-}
+MODELS = presets("gpt2", "small")  # gpt2: GPT-2 124M (the I/O figures depend on its shapes only)
 TARGETS = {"conversion": 2.0, "save_load": 1.2, "memory": 1.1}
 
 
@@ -81,7 +79,7 @@ def measure_memory(op: str, model: str, path: str) -> None:
 
 
 def _memory(op: str, model: str, path: str) -> float:
-    out = subprocess.run([sys.executable, "-m", "scripts.bench_io", "--measure-memory", op, "--model", model,
+    out = subprocess.run([sys.executable, "-m", f"{__package__}.bench_io", "--measure-memory", op, "--model", model,
                           "--path", path], capture_output=True, text=True, check=True)  # fmt: skip
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return result["extra"] / result["model_bytes"]
@@ -104,7 +102,7 @@ def main(argv=None) -> int:
 
     import weight_conversion as wc
     from jax_impl.gpt import GPT as FlaxGPT
-    from weight_conversion.table import table_for
+    from twin_common.params import table_for
     from weight_conversion.validate import find_problems
 
     cfg = MODELS[args.model]

@@ -4,8 +4,8 @@
     python -m scripts.bench_train --model wide          # 4 layers x 256: a second shape
     python -m scripts.bench_train --profile             # and the top ops of each framework's step
     python -m scripts.bench_train --threads 1           # both frameworks on one core
-    python -m scripts.bench_train --model gpt2 --bf16   # GPT-2 124M shape, 16 x 1024 tokens
-    python -m scripts.bench_train --model gpt2 --bf16 --attention cudnn library   # each attention kernel
+    python -m scripts.bench_train --model gpt2-padded --bf16   # GPT-2 124M shape, 16 x 1024 tokens
+    python -m scripts.bench_train --model gpt2-padded --bf16 --attention cudnn library   # each attention kernel
     python -m scripts.bench_train --mesh data=2,model=2 --cpu-devices 8   # JAX sharded, + collectives
 
 Every mode is built and warmed up first (compilation excluded), then the modes take turns, one
@@ -39,15 +39,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU mem
 
 import numpy as np  # noqa: E402
 
-from parity_tests.harness import framework_missing  # noqa: E402
+from twin_parity.harness import framework_missing  # noqa: E402
 from twin_common import GPTConfig  # noqa: E402
+from twin_common.presets import presets  # noqa: E402
 from twin_common.train_config import TrainConfig  # noqa: E402
 
-MODELS = {
-    "small": (GPTConfig(vocab_size=256, block_size=64, n_layers=2, d_model=128, n_heads=4), 16),
-    "wide": (GPTConfig(vocab_size=256, block_size=64, n_layers=4, d_model=256, n_heads=4), 16),
-    "gpt2": (GPTConfig.nanogpt_124m_padded(), 16),
-}
+MODELS = {name: (cfg, 16) for name, cfg in presets("small", "wide", "gpt2-padded").items()}  # (config, batch)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
 
@@ -70,7 +67,7 @@ class Mode:
 def torch_mode(name, cfg, tcfg, batches, compile_: bool, bf16: bool, device: str) -> Mode:
     import torch
 
-    from scripts.profile_ops import profile_torch
+    from .profile_ops import profile_torch
     from torch_impl.gpt import GPT
     from torch_impl.train import Trainer
 
@@ -108,7 +105,7 @@ def trainer_mode(name, trainer, batches, hlo) -> Mode:
     """A Mode around a JAX Trainer (plain or sharded); ``hlo()``: its compiled step's text."""
     import jax
 
-    from scripts.profile_ops import profile_jax
+    from .profile_ops import profile_jax
 
     it = itertools.count()
     last = []
@@ -169,8 +166,8 @@ def collective_bytes(hlo: str, mesh, cfg, tcfg, shape) -> list[tuple[str, str, s
     backward over "model"; over "data", one all-reduce of the (local) gradients."""
     import re
 
-    from parity_tests.sharded_harness import _replica_groups, model_axis_groups
-    from weight_conversion.table import table_for
+    from twin_parity.sharded_hlo import model_axis_groups, replica_groups
+    from twin_common.params import table_for
 
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
     model_groups, data_groups = model_axis_groups(ids), model_axis_groups(ids.T)
@@ -184,7 +181,7 @@ def collective_bytes(hlo: str, mesh, cfg, tcfg, shape) -> list[tuple[str, str, s
         payload = sum(_BYTES.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
                       for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)))  # fmt: skip
         g = re.search(r"replica_groups=(\{(?:\{[\d,\s]*\},?)*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)", line)
-        groups = sorted(map(sorted, _replica_groups(g.group(1)))) if g else every
+        groups = sorted(map(sorted, replica_groups(g.group(1)))) if g else every
         groups = groups or every
         axis = ("model" if groups == model_groups else "data" if groups == data_groups
                 else "both" if groups == every else "other")  # fmt: skip
@@ -316,7 +313,7 @@ def main(argv=None) -> int:
     print(f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after; {args.steps} rounds, modes interleaved",
           file=sys.stderr)  # fmt: skip
     if args.profile:
-        from scripts.profile_ops import by_kind
+        from .profile_ops import by_kind
 
         for m in modes:
             prof = m.profile(max(3, min(args.steps, 10)))

@@ -1,5 +1,5 @@
 """Build docs/guide.md from docs/guide.in.md: code excerpts come from the real source, the pitfall
-table from running the checks in parity_tests/pitfalls.py.
+table from running the checks in twin_parity/pitfalls/.
 
     python -m scripts.build_guide            # regenerate everything, measurements included
     python -m scripts.build_guide --check    # exit 1 if any code excerpt or the prose is stale
@@ -129,7 +129,7 @@ def _fmt(value) -> str:
 
 
 def render_pitfalls() -> str:
-    from parity_tests.pitfalls import measure_all
+    from twin_parity.pitfalls import measure_all
 
     # One list item per pitfall, not a six-column table: the table needed 1118 px, a page has ~900.
     items = []
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
                   "--check --measure compares them on this machine")
         return 0
     text = build(measure=not args.code_only, previous=previous)
-    from weight_conversion.safetensors_io import write_atomic
+    from twin_common.files import write_atomic
 
     write_atomic(OUTPUT, text.encode())
     print(f"wrote {os.path.relpath(OUTPUT, REPO)}")

@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 
-from scripts.run_folder import write_json_atomic
-from scripts.trainers import configs, load_data, make_trainer, progress, val_loss
+from twin_common.files import write_json_atomic
+from .trainers import configs, load_data, make_trainer, progress, val_loss
 from twin_common import data as D
 
 COMPARE_BOUND = 1e-4  # per-step relative loss difference between the twins, float32 CPU

@@ -19,10 +19,10 @@ import argparse
 import os
 import sys
 
-from scripts.generate import UsageError, load_config, load_model, resolve
+from .generate import UsageError, load_config, load_model, resolve
+from twin_common.files import cannot_write
 from twin_common.precision import matched_precision
 from weight_conversion.preflight import check_fits
-from weight_conversion.safetensors_io import cannot_write
 
 
 def out_problem(out: str, gpt2: bool, overwrite: bool) -> str | None:

@@ -62,7 +62,7 @@ def resolve(path: str) -> tuple[str, str]:
         if not os.path.exists(os.path.join(path, "latest.json")):
             raise UsageError(f"{path} is neither a run folder (no latest.json) nor a GPT-2 directory "
                              f"(config.json + model.safetensors)")  # fmt: skip
-        from scripts.train import RunDir, RunError
+        from .train import RunDir, RunError
 
         try:
             return "train", RunDir(path).read_latest()["path"]

@@ -37,11 +37,11 @@ stage() {  # stage NAME TIMEOUT_S LOG COMMAND...
 
 if [ "$smoke" = 1 ]; then
     train=(--model small --steps 2 --warmup 1)
-    gen=(--models small --prompt-len 8 --new-tokens 8)
+    gen=(--models small-4x128 --prompt-len 8 --new-tokens 8)
     report=(--dtypes float32 bfloat16 --heads 4 --skip-sharded)
     limits=(60 900 600 900 900 900 600)
 else  # 420 s (7 minutes) in all at most; torch.compile of the 124M model takes ~40-60 s per graph set
-    train=(--model gpt2 --bf16 --steps 6 --warmup 3)
+    train=(--model gpt2-padded --bf16 --steps 6 --warmup 3)
     gen=(--models gpt2 --prompt-len 128 --new-tokens 64)
     report=(--skip-sharded)
     limits=(10 130 45 120 40 50 25)

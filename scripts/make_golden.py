@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from parity_tests.harness import GOLDEN_PATH, LESSON_SHAPE
+from twin_parity.harness import GOLDEN_PATH, LESSON_SHAPE
 from twin_common import BlockConfig
 from twin_common.reference import block_forward
 from weight_conversion import block_table, load_file, save_file

@@ -42,12 +42,12 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from parity_tests import harness as h
+from twin_parity import harness as h
 from twin_common import BlockConfig
 from twin_common.precision import describe as describe_precision
 from twin_common.precision import matched_precision
 from twin_common.tolerances import TOLERANCES
-from weight_conversion.safetensors_io import cannot_write, write_atomic
+from twin_common.files import cannot_write, write_atomic
 
 HEAD_COUNTS = (1, 4)  # the lesson's single head, and several heads
 
@@ -67,7 +67,7 @@ TRAINING_CHECKS = ("grad", "train_step", "resume", "generate")
 def training_plan(dtypes, torch_devices=("cpu",), jax_devices=None):
     """Rows for gradients (CPU, float32/64), then on every torch device x JAX device: 20-step AdamW
     trajectories, cross-framework resume and generation (float32)."""
-    from parity_tests import train_harness as th
+    from twin_parity import train_harness as th
 
     both = ("torch", "jax")
     for model in ("block", "gpt"):
@@ -77,7 +77,7 @@ def training_plan(dtypes, torch_devices=("cpu",), jax_devices=None):
                               lambda m=model, d=dtype, r=direction: th.grad_check(m, d, r))
     if "float32" not in dtypes:
         return
-    from parity_tests import generate_harness as gh
+    from twin_parity import generate_harness as gh
 
     # JAX's CPU device is passed as None: the harness builds there (and names it "cpu")
     pairs = [(t, j, None if j == "cpu" else d) for t in torch_devices for j, d in (jax_devices or {"cpu": None}).items()]
@@ -97,7 +97,7 @@ def training_plan(dtypes, torch_devices=("cpu",), jax_devices=None):
 def hf_plan(dtypes):
     """Rows against transformers' GPT-2 (CPU, float32 and float64): each twin's logits and hidden
     states vs GPT2LMHeadModel's."""
-    from parity_tests import hf_harness as hh
+    from twin_parity import hf_harness as hh
 
     for fw in ("torch", "jax"):
         needs = ("torch", "transformers") + (("jax",) if fw == "jax" else ())
@@ -132,7 +132,7 @@ def sharded_plan():
     checkpoint), torch workers on 1x2 (with the resume) and 2x2, and sharded torch vs sharded JAX."""
     import tempfile
 
-    from parity_tests import sharded_harness as sh
+    from twin_parity import sharded_harness as sh
 
     tmp = tempfile.TemporaryDirectory()
     init, ckpt = os.path.join(tmp.name, "init.safetensors"), os.path.join(tmp.name, "resume.safetensors")
@@ -238,7 +238,7 @@ def plan(dtypes, heads, torch_devices, jax_devices):
         for start in ("torch", "jax"):
             yield Planned(f"roundtrip {start} {dtype}", "roundtrip", both,
                           lambda d=dtype, s=start: h.roundtrip_check(cfg, d, s, via_file=True))
-    from parity_tests import generate_harness as gh
+    from twin_parity import generate_harness as gh
 
     for dtype in (d for d in dtypes if d in ("float32", "float64")):
         for framework, devices in (("torch", {t: t for t in torch_devices}), ("jax", jax_devices)):

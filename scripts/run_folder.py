@@ -24,10 +24,10 @@ import json
 import math
 import os
 import re
-import stat
 
 from weight_conversion.checkpoint import MAX_STEP, load_checkpoint, read_checkpoint_metadata
-from weight_conversion.safetensors_io import HASH_KEY, CheckpointError, cannot_write, read_header, write_atomic
+from twin_common.files import NotRegularFileError, cannot_write, open_regular, write_atomic, write_json_atomic
+from weight_conversion.safetensors_io import HASH_KEY, CheckpointError, read_header
 
 KEEP_CHECKPOINTS = 3
 FRAMEWORKS = ("torch", "jax")
@@ -40,10 +40,6 @@ TORCH_RNG_BYTES = 5056  # torch.get_rng_state(): the CPU generator's Mersenne Tw
 
 class RunError(Exception):
     """A problem with the user's input or run directory; printed without a traceback."""
-
-
-def write_json_atomic(path: str, doc: dict) -> None:
-    write_atomic(path, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
 def _sha256(path: str) -> str:
@@ -112,17 +108,16 @@ class RunDir:
             return RunError(f"{self.latest} is unusable ({why}); the run cannot be resumed")
 
         try:
-            fd = os.open(self.latest, os.O_RDONLY | os.O_NONBLOCK)
+            fd, st = open_regular(self.latest)
             try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise bad("not a regular file")
                 if st.st_size > MAX_LATEST_BYTES:
                     raise bad(f"{st.st_size} bytes, not a latest.json written by this script")
                 raw = os.read(fd, MAX_LATEST_BYTES + 1)
             finally:
                 os.close(fd)
             latest = json.loads(raw.decode("utf-8"))
+        except (IsADirectoryError, NotRegularFileError):
+            raise bad("not a regular file") from None
         except OSError as e:
             raise bad(e.strerror or str(e)) from None
         except (UnicodeDecodeError, ValueError, RecursionError) as e:

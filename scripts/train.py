@@ -23,15 +23,14 @@ import time
 
 import dataclasses
 
-from scripts.compare import compare as run_compare
-from scripts.run_folder import RunDir, RunError, check_extra
-from scripts.trainers import MODELS, configs, data_info, load_data, make_trainer, progress, val_loss
+from .compare import compare as run_compare
+from .run_folder import RunDir, RunError, check_extra
+from .trainers import MODELS, configs, data_info, load_data, make_trainer, progress, val_loss
 from twin_common import GPTConfig
 from twin_common import data as D
 from twin_common.config import RUNTIME_FIELDS, config_differences
-from twin_common.mesh import run_for_this_process
-from twin_common.mesh import leave_job
-from twin_common.mesh import setup as mesh_setup
+from .sharded_run import leave_job, run_for_this_process
+from .sharded_run import setup as mesh_setup
 from twin_common.precision import matched_precision
 from twin_common.train_config import TrainConfig
 from weight_conversion.checkpoint import read_checkpoint_metadata

@@ -11,17 +11,14 @@ import sys
 
 import numpy as np
 
-from scripts.run_folder import RunError
+from .run_folder import RunError
 from twin_common import GPTConfig
+from twin_common.presets import presets
 from twin_common import data as D
-from twin_common.mesh import sharded_trainer
+from .sharded_run import sharded_trainer
 from twin_common.train_config import TrainConfig
 
-MODELS = {
-    "tiny": GPTConfig(vocab_size=256, block_size=32, n_layers=1, d_model=32, n_heads=2),
-    "small": GPTConfig(vocab_size=256, block_size=64, n_layers=2, d_model=128, n_heads=4),
-    "gpt2": GPTConfig.nanogpt_124m_padded(),
-}
+MODELS = presets("tiny", "small", "gpt2-padded")
 
 
 def data_info(text: bytes, source: str) -> dict:

@@ -104,21 +104,3 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over every position, computed in at least float32."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> f32; f64 stays
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-def generate(model: GPT, prompt: list[int], n_new: int, temperature: float = 1.0, seed: int = 0) -> list[int]:
-    """Sample ``n_new`` tokens after ``prompt`` (temperature 0: greedy); returns prompt + new tokens.
-    The KV-cache path of torch_impl.generate, for the Trainer's ``sample``. Past block_size the
-    context restarts from its last block_size // 2 tokens (one new prefill), with seed + 1."""
-    from torch_impl.generate import run
-    from twin_common.generation import Sampling
-
-    size, tokens = model.cfg.block_size, list(prompt)
-    for chunk in range(n_new + 1):
-        remaining = len(prompt) + n_new - len(tokens)
-        if remaining <= 0:
-            break
-        context = tokens[-max(1, size // 2) :] if chunk else tokens[-(size - 1) :]
-        n = min(remaining, size - len(context))
-        tokens += run(model, [context], n, Sampling(temperature), seed=seed + chunk).tokens[0]
-    return tokens

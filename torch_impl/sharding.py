@@ -3,7 +3,7 @@
 Twin of jax_impl/sharding.py: same functions, same order; read the two side by side.
 
 The plan is not written here: it is read from the conversion table's ``split`` column
-(weight_conversion/table.py). A Linear whose weight is split by output features becomes
+(twin_common/params.py). A Linear whose weight is split by output features becomes
 ColwiseParallel, one split by input features RowwiseParallel; everything else stays whole.
 
 One process per device, started by torchrun (or torch.multiprocessing, forking, in the tests), each
@@ -28,7 +28,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from torch_impl.train import Trainer
 from twin_common.mesh import AXES, MeshShape, check_mesh
-from weight_conversion.table import Split, table_for
+from twin_common.params import Split, table_for
 
 # How long a rank waits in a collective for the others before it gives up with an error (gloo's
 # and NCCL's default is 10 minutes; a killed peer usually surfaces at once as a closed connection).
@@ -210,7 +210,7 @@ class ShardedTrainer(Trainer):
 
     def state(self):
         """(weights, optimizer moments, step), gathered, in the interchange layout (on every rank)."""
-        from weight_conversion.optim_state import MOMENTS
+        from weight_conversion.optim_state import MOMENTS, optim_key
         from weight_conversion.torch_side import tensor_to_numpy
 
         params = self.params
@@ -220,7 +220,7 @@ class ShardedTrainer(Trainer):
             weights[spec.torch_key] = tensor_to_numpy(gather(p.detach()))
             state = self.optimizer.state.get(p, {})
             for m in MOMENTS:
-                optim[f"optim.{m}.{spec.torch_key}"] = (
+                optim[optim_key(m, spec.torch_key)] = (
                     tensor_to_numpy(gather(state[m])) if state else np.zeros(spec.torch_shape, np.float32)
                 )
             steps.add(int(state["step"]) if state else 0)
@@ -230,7 +230,7 @@ class ShardedTrainer(Trainer):
 
     def load(self, weights: dict, optim: dict, step: int) -> None:
         """Every rank reads the same gathered arrays and keeps its own slices; checks first."""
-        from weight_conversion.optim_state import MOMENTS, check_optim_arrays
+        from weight_conversion.optim_state import MOMENTS, check_optim_arrays, optim_key
         from weight_conversion.torch_side import numpy_to_tensor
         from weight_conversion.validate import check
 
@@ -244,6 +244,6 @@ class ShardedTrainer(Trainer):
                 p.copy_(place_like(numpy_to_tensor(weights[spec.torch_key]), p))
                 self.optimizer.state[p] = {
                     "step": torch.tensor(float(step), dtype=torch.float32),
-                    **{m: place_like(numpy_to_tensor(optim[f"optim.{m}.{spec.torch_key}"]), p) for m in MOMENTS},
+                    **{m: place_like(numpy_to_tensor(optim[optim_key(m, spec.torch_key)]), p) for m in MOMENTS},
                 }
         self.step_count = step

@@ -10,7 +10,7 @@ import torch
 from torch_impl.gpt import GPT, loss_fn
 from twin_common.checks import check_token_input
 from twin_common.train_config import TrainConfig
-from weight_conversion.table import table_for
+from twin_common.params import table_for
 
 
 def make_optimizer(model: GPT, tcfg: TrainConfig) -> torch.optim.AdamW:
@@ -167,9 +167,9 @@ class Trainer:
             torch.cuda.set_rng_state_all([tensor(t) for t in saved["torch_cuda_rng"]])
 
     def sample(self, prompt: list[int], n_new: int, temperature: float = 0.8, seed: int = 0) -> list[int]:
-        from torch_impl.gpt import generate
+        from torch_impl.generate import continue_prompt
 
-        tokens = generate(self.model, prompt, n_new, temperature, seed)
+        tokens = continue_prompt(self.model, prompt, n_new, temperature, seed)
         self.model.clear_cache()  # the KV cache is for generation only: leave the model as it was
         self.model.train()
         return tokens

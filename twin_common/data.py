@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import math
 import os
-import stat
 
 import numpy as np
+
+from twin_common.files import NotRegularFileError, open_regular
 
 VAL_FRACTION = 0.1
 
@@ -49,18 +50,17 @@ def load_text(path: str | os.PathLike) -> bytes:
     path = os.fspath(path)
     if not path:
         raise ValueError("--data is empty: give the path of a text file")
-    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fd, st = open_regular(path)
     except FileNotFoundError:
         raise ValueError(f"--data {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"--data {path}: is a directory, not a text file") from None
+    except NotRegularFileError:
+        raise ValueError(f"--data {path}: not a regular file (a device, FIFO or socket); give a text file") from None
     except OSError as e:
         raise ValueError(f"--data {path}: cannot open it ({e.strerror})") from None
     try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise ValueError(f"--data {path}: is a directory, not a text file")
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"--data {path}: not a regular file (a device, FIFO or socket); give a text file")
         if st.st_size > MAX_TEXT_BYTES:
             raise ValueError(f"--data {path}: {st.st_size} bytes is more than the {MAX_TEXT_BYTES >> 20} MiB "
                              f"this byte-level trainer holds in memory")  # fmt: skip

@@ -1,6 +1,6 @@
 """Move weights between the PyTorch and Flax NNX twins, in memory or through safetensors files.
 
-One table (``weight_conversion.table``) drives both directions. Everything is checked before
+One table (``twin_common.params``) drives both directions. Everything is checked before
 anything is applied: a ConversionError lists every missing or unexpected key, wrong shape, wrong
 dtype and non-finite value, and the target model is left untouched.
 
@@ -21,8 +21,9 @@ import os
 import numpy as np
 
 from twin_common.config import RUNTIME_FIELDS, config_differences
+from twin_common.frameworks import framework_of
 from weight_conversion.safetensors_io import CheckpointError, load_file, read_header, save_file
-from weight_conversion.table import ParamSpec, Transform, block_table, table_for
+from twin_common.params import ParamSpec, Transform, block_table, table_for
 from weight_conversion.validate import FLOAT_DTYPES, ConversionError
 
 __all__ = [
@@ -32,16 +33,12 @@ __all__ = [
 ]  # fmt: skip
 
 
-def _is_torch(model) -> bool:
-    return any(cls.__module__.startswith("torch.") for cls in type(model).__mro__)
-
-
 def export(model, copy: bool = True) -> dict[str, np.ndarray]:
     """Parameters of either twin as {torch state_dict key: NumPy array in torch layout}.
 
     ``copy=False`` (torch): views of the CPU parameters, valid until the model changes; what
     save and torch_to_flax use, so they never hold a second copy of the model."""
-    if _is_torch(model):
+    if framework_of(model) == "torch":
         from weight_conversion.torch_side import export_torch
 
         return export_torch(model, copy)
@@ -52,7 +49,7 @@ def export(model, copy: bool = True) -> dict[str, np.ndarray]:
 
 def import_(model, arrays) -> None:
     """Load {torch key: torch-layout array} into either twin, all checks first."""
-    if _is_torch(model):
+    if framework_of(model) == "torch":
         from weight_conversion.torch_side import import_torch
 
         return import_torch(model, arrays)

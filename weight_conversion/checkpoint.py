@@ -17,7 +17,7 @@ import numpy as np
 from twin_common.config import config_differences
 from weight_conversion.optim_state import check_optim_arrays
 from weight_conversion.safetensors_io import HASH_KEY, CheckpointError, load_file, read_header, save_file
-from weight_conversion.table import table_for
+from twin_common.params import table_for
 from weight_conversion.validate import ConversionError, find_problems
 
 FORMAT = "torch-flax-twins/train-checkpoint/1"

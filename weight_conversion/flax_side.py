@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from weight_conversion.table import FlaxPath, table_for
+from twin_common.params import FlaxPath, table_for
 from weight_conversion.validate import ConversionError, find_problems
 
 

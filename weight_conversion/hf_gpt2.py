@@ -30,7 +30,8 @@ import numpy as np
 from twin_common import GPTConfig
 from twin_common.config import RUNTIME_FIELDS, config_differences
 from weight_conversion.hf_gpt2_table import hf_gpt2_table, to_hf, to_twin
-from weight_conversion.safetensors_io import CheckpointError, load_file, save_file, write_atomic
+from twin_common.files import umask, write_atomic
+from weight_conversion.safetensors_io import CheckpointError, load_file, save_file
 from weight_conversion.validate import ConversionError, find_problems_by_shape
 
 __all__ = ["export_hf_gpt2", "gpt2_config_from_dir", "gpt2_config_from_hf", "import_hf_gpt2", "hf_config_from_gpt"]
@@ -207,7 +208,8 @@ def import_hf_gpt2(model, directory: str | os.PathLike, *, verify: bool = False)
     the twin against the float64 NumPy GPT-2 of ``twin_common.reference`` on a probe input; on a
     divergence the old weights are restored and a VerificationError names the first sublayer."""
     from weight_conversion import import_
-    from weight_conversion.verify import apply_verified, param_dtype
+    from weight_conversion.verify import apply_verified
+    from twin_common.frameworks import model_dtype
 
     where = os.fspath(directory)
     hf_cfg = gpt2_config_from_dir(directory)
@@ -218,7 +220,7 @@ def import_hf_gpt2(model, directory: str | os.PathLike, *, verify: bool = False)
         raise ConversionError(problems, f"transformers GPT-2 directory {where}")
     table = hf_gpt2_table(model.cfg)
     arrays, problems = read_hf_arrays(directory, model.cfg)
-    dtype = param_dtype(model)
+    dtype = model_dtype(model)
     problems += find_problems_by_shape(
         arrays, {s.hf_key: s.hf_shape for s in table}, dtype, layout="transformers layout"
     )
@@ -256,7 +258,7 @@ def export_hf_gpt2(model, directory: str | os.PathLike, *, overwrite: bool = Fal
     weights file (old shards and their index, other frameworks' weights) is removed afterwards, so
     no loader can pick up the old model; other files (a tokenizer) are kept."""
     from weight_conversion import export
-    from weight_conversion.verify import param_dtype
+    from twin_common.frameworks import model_dtype
 
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not os.path.isdir(directory):
@@ -266,7 +268,7 @@ def export_hf_gpt2(model, directory: str | os.PathLike, *, overwrite: bool = Fal
         shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
         raise ValueError(f"{directory} is not empty ({shown}); pass overwrite=True (scripts.export: --overwrite) "
                          f"to replace the model in it, or choose an empty folder")  # fmt: skip
-    doc = {**hf_config_from_gpt(model.cfg), "dtype": param_dtype(model)}  # from_pretrained keeps this dtype
+    doc = {**hf_config_from_gpt(model.cfg), "dtype": model_dtype(model)}  # from_pretrained keeps this dtype
     cfg_doc = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
     arrays = to_hf(export(model), hf_gpt2_table(model.cfg))
     arrays = {(k if k == "lm_head.weight" else PREFIX + k): v for k, v in arrays.items()}
@@ -284,14 +286,8 @@ def export_hf_gpt2(model, directory: str | os.PathLike, *, overwrite: bool = Fal
     try:
         save_file(arrays, os.path.join(tmp, WEIGHTS_FILE), {"format": "pt"})
         write_atomic(os.path.join(tmp, CONFIG_FILE), cfg_doc)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; give it what mkdir would
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700; give it what mkdir would
         os.rename(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from twin_common import GPTConfig
-from weight_conversion.table import gpt_table
+from twin_common.params import gpt_table
 
 
 class HFTransform(enum.Enum):

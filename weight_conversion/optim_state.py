@@ -14,21 +14,26 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from weight_conversion.table import table_for
+from twin_common.params import table_for
 from weight_conversion.validate import FLOAT_DTYPES, ConversionError, find_problems
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # torch's names; optax calls them mu and nu
 _OPTAX_NAMES = {"exp_avg": "mu", "exp_avg_sq": "nu"}
 
 
+def optim_key(moment: str, torch_key: str) -> str:
+    """The one spelling of a moment's key in the flat form: "optim.exp_avg.<torch key>"."""
+    return f"optim.{moment}.{torch_key}"
+
+
 def optim_keys(cfg) -> list[str]:
-    return [f"optim.{m}.{spec.torch_key}" for m in MOMENTS for spec in table_for(cfg)]
+    return [optim_key(m, spec.torch_key) for m in MOMENTS for spec in table_for(cfg)]
 
 
 def check_optim_arrays(cfg, arrays: Mapping[str, np.ndarray], dtype: str | None = "float32") -> None:
     problems = []
     for moment in MOMENTS:
-        prefix = f"optim.{moment}."
+        prefix = optim_key(moment, "")
         sub = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
         problems += [f"{moment}: {p}" for p in find_problems(sub, table_for(cfg), dtype)]
     for key, v in arrays.items():  # a square's running mean; a negative one makes the next step NaN
@@ -36,7 +41,7 @@ def check_optim_arrays(cfg, arrays: Mapping[str, np.ndarray], dtype: str | None 
         if key.startswith("optim.exp_avg_sq.") and v.size and v.dtype.name in FLOAT_DTYPES:
             if np.min(v) < 0:  # NaN is reported above, as non-finite
                 problems.append(f"exp_avg_sq: {key[len('optim.exp_avg_sq.'):]!r} has negative values")
-    stray = [k for k in arrays if not any(k.startswith(f"optim.{m}.") for m in MOMENTS)]
+    stray = [k for k in arrays if not any(k.startswith(optim_key(m, "")) for m in MOMENTS)]
     problems += [f"unexpected key {k!r}" for k in stray]
     if problems:
         raise ConversionError(problems, "optimizer state")
@@ -54,11 +59,11 @@ def export_torch_optimizer(model, optimizer) -> tuple[dict[str, np.ndarray], int
         state = optimizer.state.get(params[spec.torch_key], {})
         if not state:  # before the first step torch has no state: zeros, step 0
             zeros = np.zeros(spec.torch_shape, np.float32)
-            arrays.update({f"optim.{m}.{spec.torch_key}": zeros for m in MOMENTS})
+            arrays.update({optim_key(m, spec.torch_key): zeros for m in MOMENTS})
             steps.add(0)
             continue
         for m in MOMENTS:
-            arrays[f"optim.{m}.{spec.torch_key}"] = tensor_to_numpy(state[m])
+            arrays[optim_key(m, spec.torch_key)] = tensor_to_numpy(state[m])
         steps.add(int(state["step"]))
     if len(steps) != 1:
         raise ConversionError([f"parameters are at different optimizer steps {sorted(steps)}"], "optimizer state")
@@ -79,7 +84,7 @@ def import_torch_optimizer(model, optimizer, arrays: Mapping[str, np.ndarray], s
             # torch keeps step as a float32 tensor on the CPU unless the optimizer is capturable/fused
             "step": torch.tensor(float(step), dtype=torch.float32,
                                  device=p.device if optimizer.defaults.get("fused") else "cpu"),
-            **{m: numpy_to_tensor(arrays[f"optim.{m}.{spec.torch_key}"], p.device) for m in MOMENTS},
+            **{m: numpy_to_tensor(arrays[optim_key(m, spec.torch_key)], p.device) for m in MOMENTS},
         }  # fmt: skip
 
 
@@ -98,7 +103,7 @@ def export_optax_state(cfg, opt_state) -> tuple[dict[str, np.ndarray], int]:
         tree = optax.tree_utils.tree_get(opt_state, name)
         for kp, leaf in jax.tree_util.tree_leaves_with_path(tree):
             spec = by_path[flax_path(kp)]
-            arrays[f"optim.{moment}.{spec.torch_key}"] = spec.transform.to_torch(np.asarray(leaf))
+            arrays[optim_key(moment, spec.torch_key)] = spec.transform.to_torch(np.asarray(leaf))
     counts = {int(v) for _, v in optax.tree_utils.tree_get_all_with_path(opt_state, "count")}
     if len(counts) != 1:
         raise ConversionError([f"optax counts disagree: {sorted(counts)}"], "optimizer state")
@@ -119,7 +124,7 @@ def import_optax_state(cfg, opt_state, arrays: Mapping[str, np.ndarray], step: i
     def fill(moment):
         def leaf(kp, old):
             spec = by_path[flax_path(kp)]
-            new = spec.transform.to_flax(np.asarray(arrays[f"optim.{moment}.{spec.torch_key}"]))
+            new = spec.transform.to_flax(np.asarray(arrays[optim_key(moment, spec.torch_key)]))
             return jax.device_put(new, old.sharding)
 
         return jax.tree_util.tree_map_with_path(leaf, optax.tree_utils.tree_get(opt_state, _OPTAX_NAMES[moment]))

@@ -87,7 +87,7 @@ def config_problems(cfg, shapes: dict[str, tuple[int, ...]], layout: str) -> lis
 
         expected = {s.hf_key: tuple(s.hf_shape) for s in hf_gpt2_table(cfg)}
     else:
-        from weight_conversion.table import table_for
+        from twin_common.params import table_for
 
         expected = {s.torch_key: tuple(s.torch_shape) for s in table_for(cfg)}
     if cfg.tie_embeddings and "lm_head.weight" in shapes:  # a tied head saved as a copy of wte

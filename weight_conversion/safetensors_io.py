@@ -30,14 +30,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 import struct
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which safetensors' NumPy API needs)
 import numpy as np
 import xxhash
+
+from twin_common.files import NotRegularFileError, open_regular, write_atomic  # noqa: F401  (write_atomic: re-exported)
 
 from weight_conversion.validate import FLOAT_DTYPES
 
@@ -161,18 +161,17 @@ def read_header(path: str | os.PathLike) -> Header:
     def fail(why: str) -> CheckpointError:
         return CheckpointError(f"{path} is not a valid safetensors file: {why}")
 
-    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd, st = open_regular(path)
     except FileNotFoundError:
         raise CheckpointError(f"no such checkpoint file: {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint path is a directory, not a file: {path}") from None
+    except NotRegularFileError:
+        raise CheckpointError(f"checkpoint path is not a regular file (a device, FIFO or socket): {path}") from None
     except OSError as e:
         raise CheckpointError(f"cannot open checkpoint {path}: {e.strerror}") from None
     try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"checkpoint path is not a regular file (a device, FIFO or socket): {path}")
         size = st.st_size
         if size < 8:
             raise fail(f"{size} bytes is too short to hold the header length")
@@ -381,75 +380,3 @@ def save_file(
         f.write(value[len(HASH_ALGORITHM) + 1 :].encode())
 
     write_atomic(path, write)
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | Callable) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old file or the new one:
-    a temporary file in the same folder, flushed to disk, renamed over the target. ``data`` is the
-    bytes, or a function that writes them to the open (binary) file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes it 0600; give it what open() would
-        os.replace(tmp, path)
-        _fsync_folder(folder)  # make the rename itself survive a crash
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_folder(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a folder; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _file_mode(path: str) -> int:
-    """The mode of the file being replaced, or what a plain open() would create under the umask."""
-    try:
-        return os.stat(path).st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def cannot_write(path: str | os.PathLike, *, folder: bool) -> str | None:
-    """Why ``path`` (a folder to fill, or a file to write when ``folder`` is False) cannot be
-    written, or None; checked by writing (and at once deleting) an unnamed probe file where the
-    first write would go, so permissions, read-only mounts and root's privileges all count as they
-    will. Nothing is created."""
-    path = os.path.abspath(os.fspath(path))
-    if folder and os.path.isdir(path):
-        where = path
-    elif not folder and os.path.isdir(path):
-        return f"{path} is a folder"
-    else:
-        where = os.path.dirname(path)
-        while not os.path.lexists(where):  # the nearest existing folder, where makedirs starts
-            where = os.path.dirname(where)
-        if not os.path.isdir(where):
-            return f"{where} is not a folder"
-    try:
-        tempfile.TemporaryFile(dir=where).close()
-    except OSError as e:
-        return f"{where} is not writable ({e.strerror or e})"
-    if not folder and os.path.lexists(path) and not os.access(path, os.W_OK):
-        return f"{path} is not writable"
-    return None

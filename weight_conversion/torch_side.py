@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from weight_conversion.table import table_for
+from twin_common.params import table_for
 from weight_conversion.validate import ConversionError, check
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from weight_conversion.table import ParamSpec
+from twin_common.params import ParamSpec
 
 # Every floating dtype the converter moves, by name. NumPy has no bfloat16: ml_dtypes provides it,
 # and it is the same 16-bit layout torch and JAX use, so conversion is a reinterpretation of bits.

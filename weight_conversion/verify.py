@@ -16,9 +16,10 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from twin_common.frameworks import framework_of
+from twin_common.frameworks import model_dtype
 from twin_common.precision import matched_precision
 from twin_common.tolerances import verify_bound
-from weight_conversion import _is_torch
 
 PROBE_SEED = 1234
 PROBE_BATCH, PROBE_MAX_SEQ = 2, 16
@@ -40,19 +41,6 @@ def _is_gpt(model) -> bool:
     return hasattr(model, "blocks")
 
 
-def param_dtype(model) -> str:
-    """The one parameter dtype of either twin (as a bare name, e.g. "float32")."""
-    if _is_torch(model):
-        names = {str(p.dtype).removeprefix("torch.") for p in model.parameters()}
-    else:
-        from flax import nnx
-
-        names = {np.dtype(v.get_value().dtype).name for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    if len(names) != 1:
-        raise ValueError(f"the model mixes parameter dtypes {sorted(names)}")
-    return names.pop()
-
-
 def probe_input(model) -> np.ndarray:
     """Seeded token ids (2, min(16, block_size)) for a GPT; a standard-normal (2, min(16,
     block_size), d_model) input in the model's dtype for a block."""
@@ -61,7 +49,7 @@ def probe_input(model) -> np.ndarray:
     shape = (PROBE_BATCH, min(PROBE_MAX_SEQ, cfg.block_size))
     if _is_gpt(model):
         return rng.integers(0, cfg.vocab_size, shape).astype(np.int32)
-    return rng.standard_normal((*shape, cfg.d_model)).astype(param_dtype(model))
+    return rng.standard_normal((*shape, cfg.d_model)).astype(model_dtype(model))
 
 
 # ------------------------------------------------------------------------------------------ traces
@@ -70,9 +58,9 @@ def probe_input(model) -> np.ndarray:
 def trace(model, probe: np.ndarray) -> dict[str, np.ndarray]:
     """Every sublayer of either twin on ``probe``, in eval mode, as float64 NumPy arrays, in the
     order they are computed. A GPT's blocks are re-run on their own inputs for their insides."""
-    dtype = param_dtype(model)
+    dtype = model_dtype(model)
     with matched_precision(x64=dtype == "float64"):
-        return _trace_torch(model, probe) if _is_torch(model) else _trace_flax(model, probe)
+        return _trace_torch(model, probe) if framework_of(model) == "torch" else _trace_flax(model, probe)
 
 
 def _expand(model, run_block, inter: Mapping) -> dict:
@@ -147,7 +135,7 @@ def first_divergence(
 
 def _snapshot(model):
     """The target's current parameter values, cheap to take and to put back."""
-    if _is_torch(model):
+    if framework_of(model) == "torch":
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
     from flax import nnx
 
@@ -155,7 +143,7 @@ def _snapshot(model):
 
 
 def _restore(model, snapshot) -> None:
-    if _is_torch(model):
+    if framework_of(model) == "torch":
         import torch
 
         with torch.no_grad():
@@ -173,7 +161,7 @@ def apply_verified(
 ) -> None:
     """Run ``apply()`` (which loads new weights into ``target``), then compare ``target`` with the
     source on the probe; on a divergence restore the old weights and raise VerificationError."""
-    dtype = param_dtype(target)
+    dtype = model_dtype(target)
     verify_bound(dtype, np.zeros(1))  # refuses a dtype verify has no bound for, before anything changes
     snapshot = _snapshot(target)
     apply()

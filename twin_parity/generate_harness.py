@@ -14,8 +14,8 @@ import functools
 import numpy as np
 
 import weight_conversion as wc
-from parity_tests import harness as h
-from parity_tests import train_harness as th
+from twin_parity import harness as h
+from twin_parity import train_harness as th
 from twin_common import GPTConfig
 from twin_common.generation import (
     LOGIT_TOL, Generation, Sampling, compare_generations, decision_margin, kept_probabilities,

@@ -12,7 +12,7 @@ import tempfile
 
 import numpy as np
 
-from parity_tests.harness import PERTURB_STD, Result
+from twin_parity.harness import PERTURB_STD, Result
 from twin_common.precision import matched_precision
 from twin_common.tolerances import tolerance_for
 

@@ -11,13 +11,13 @@ import dataclasses
 import numpy as np
 
 import weight_conversion as wc
-from parity_tests import harness as h
-from parity_tests.harness import Result
+from twin_parity import harness as h
+from twin_parity.harness import Result
 from twin_common import BlockConfig, GPTConfig
 from twin_common.precision import matched_precision
 from twin_common.tolerances import tolerance_for
 from twin_common.train_config import TrainConfig
-from weight_conversion.table import table_for
+from twin_common.params import table_for
 
 # Small enough for 2 CPU cores, with every kind of parameter: tied embeddings, several blocks.
 SMALL_GPT = GPTConfig(vocab_size=64, block_size=16, n_layers=2, d_model=32, n_heads=4)
