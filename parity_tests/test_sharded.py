@@ -302,10 +302,7 @@ def test_a_killed_rank_stops_the_others_quickly(workdir):
 # legs cover every mesh family in the CLI: JAX data x model, torch model, torch data, JAX model.
 TRAIN_SCRIPT_LEGS = [
     (("jax", "data=2,model=2"), ("torch", "model=2")),
-    # slow: in one full default run the torch data=2 leg's launcher aborted once ("terminate called
-    # without an active exception", gloo, exit -6) and passed when run alone; kept out of the default
-    # run until that is understood. The first leg keeps the CLI defaults on a sharded torch run.
-    pytest.param((("torch", "data=2"), ("jax", "model=2")), marks=pytest.mark.slow),
+    (("torch", "data=2"), ("jax", "model=2")),
 ]
 
 
