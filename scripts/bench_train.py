@@ -47,6 +47,8 @@ MODELS = {
     "small": (GPTConfig(vocab_size=256, block_size=64, n_layers=2, d_model=128, n_heads=4), 16),
     "wide": (GPTConfig(vocab_size=256, block_size=64, n_layers=4, d_model=256, n_heads=4), 16),
     "gpt2": (GPTConfig.nanogpt_124m_padded(), 16),
+    # Mixtral's proportions; dense-masked dispatch runs all 8 experts per token (twin_common/moe.py)
+    "mixtral-small": (GPTConfig.mixtral_small(), 4),
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 

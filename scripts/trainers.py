@@ -21,6 +21,7 @@ MODELS = {
     "tiny": GPTConfig(vocab_size=256, block_size=32, n_layers=1, d_model=32, n_heads=2),
     "small": GPTConfig(vocab_size=256, block_size=64, n_layers=2, d_model=128, n_heads=4),
     "gpt2": GPTConfig.nanogpt_124m_padded(),
+    "moe-tiny": GPTConfig.moe_tiny(),  # 4 SwiGLU experts, top-2, router losses in the training loss
 }
 
 
