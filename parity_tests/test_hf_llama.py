@@ -76,7 +76,7 @@ def idx(seq: int = hh.LLAMA_POSITIONS, batch: int = 2) -> np.ndarray:
 def test_logits_match_transformers(framework, n_kv_heads, rope_layout, saved):
     hf, directory = saved(n_kv_heads)
     twin = hh.import_llama_into(framework, directory, rope_layout=rope_layout)
-    err, _, _, passed, first = hh.compare_logits(hh.hf_run(hf, idx()), hh.twin_run(twin, idx()))
+    err, _, _, passed, first, _ = hh.compare_logits(hh.hf_run(hf, idx()), hh.twin_run(twin, idx()))
     assert passed and err <= BOUND, f"first divergence at {first}, logits max abs err {err:.3g}"
 
 
@@ -87,7 +87,7 @@ def test_logits_match_transformers(framework, n_kv_heads, rope_layout, saved):
 def test_logits_match_transformers_every_variant(framework, n_kv_heads, rope_layout, saved):
     hf, directory = saved(n_kv_heads, attention_bias=True, tie_word_embeddings=n_kv_heads == 6)
     twin = hh.import_llama_into(framework, directory, verify=True, rope_layout=rope_layout)
-    err, _, _, passed, first = hh.compare_logits(hh.hf_run(hf, idx()), hh.twin_run(twin, idx()))
+    err, _, _, passed, first, _ = hh.compare_logits(hh.hf_run(hf, idx()), hh.twin_run(twin, idx()))
     assert passed and err <= BOUND, f"first divergence at {first}, logits max abs err {err:.3g}"
 
 

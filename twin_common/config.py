@@ -55,7 +55,7 @@ def _is_real(value) -> bool:
 # Fields added after checkpoints and golden files were first written, with the value that
 # reproduces the model those files describe: a saved config without the field means this value.
 ADDED_FIELDS = {
-    "norm": "layernorm", "pos": "learned", "rope_theta": 10000.0, "rope_layout": "half",
+    "attn_kernel": "cudnn", "norm": "layernorm", "pos": "learned", "rope_theta": 10000.0, "rope_layout": "half",
     "n_kv_heads": None, "mlp": "gelu", "mlp_hidden": None, "attn_bias": None, "mlp_bias": None,
     "norm_bias": None, "n_experts": None, "top_k": 2, "norm_topk_prob": True, "capacity_factor": None,
     "router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.0,
