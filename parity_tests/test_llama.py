@@ -135,6 +135,61 @@ def test_tensor_parallel_splits_every_new_matrix():
     assert split["mlp.down_proj.weight"] is Split.IN_FEATURES and split["ln_1.weight"] is Split.REPLICATED
 
 
+def _tensor_parallel_generate_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One gloo process on mesh (1, 2): greedy generation by llama_tiny and moe_tiny (4 query heads,
+    2 key/value heads: one of each per rank), rank 0 writing the tokens and the cache's heads."""
+    import json
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # what torchrun sets  # fmt: skip
+    import torch.distributed as dist
+
+    from torch_impl import sharding as S
+    from torch_impl.gpt import GPT, generate
+
+    torch.set_num_threads(1)
+    found = {}
+    for name in ("llama_tiny", "moe_tiny"):
+        cfg = getattr(GPTConfig, name)()
+        device_mesh = S.init_distributed(MeshShape(1, 2), cfg, timeout_s=60)
+        torch.manual_seed(0)
+        model = S.shard_model(GPT(cfg), device_mesh).eval()
+        with torch.no_grad():  # a forward first, as scripts.train evaluates before its sample: FSDP2's
+            model(torch.tensor([[3, 1, 4, 1, 5]]))  # replicate() leaves the data-axis copies registered
+        tokens = generate(model, [3, 1, 4, 1, 5], 12, temperature=0.0)
+        found[name] = {"tokens": tokens, "cache_heads": model.blocks[0].attn.kv_cache.k.shape[1]}
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(found, f)
+    dist.destroy_process_group()
+
+
+def test_tensor_parallel_torch_generates_with_the_local_kv_heads(tmp_path):
+    """On a tensor-parallel torch rank the KV cache holds that rank's key/value heads (n_kv_heads /
+    model, not its query heads), and greedy generation gives one device's tokens (Llama and MoE)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from torch_impl.gpt import GPT, generate
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "rank0.json")
+    mp.start_processes(_tensor_parallel_generate_rank, args=(2, port, out), nprocs=2, start_method="fork")
+    with open(out) as f:
+        found = json.load(f)
+    for name in ("llama_tiny", "moe_tiny"):
+        cfg = getattr(GPTConfig, name)()
+        torch.manual_seed(0)
+        one_device = generate(GPT(cfg).eval(), [3, 1, 4, 1, 5], 12, temperature=0.0)
+        assert found[name]["cache_heads"] == cfg.kv_heads // 2 == 1, (name, found[name])
+        assert found[name]["tokens"] == one_device, name
+
+
 # ------------------------------------------------------------------------------ the config
 
 
