@@ -44,7 +44,9 @@ def dtype_name(dtype) -> str:
     return jnp.dtype(dtype).name
 
 
-def linear(d_in: int, d_out: int, cfg: BlockConfig, bias: bool, *, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def linear(
+    d_in: int, d_out: int, cfg: BlockConfig, bias: bool, *, param_dtype, rngs: nnx.Rngs
+) -> nnx.Linear:
     """nnx.Linear with the project's init pinned: normal(0, init_std) kernel, zero bias.
 
     Flax's default is lecun-normal kernel and zero bias; torch's is kaiming-uniform for weight *and*
@@ -234,12 +236,13 @@ _SQRT_HALF = math.sqrt(0.5)  # a Python float keeps x's dtype (bfloat16, float32
 
 class MLP(nnx.Module):
     def __init__(self, cfg: BlockConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.fc_in = linear(cfg.d_model, cfg.d_hidden, cfg, cfg.has_mlp_bias, param_dtype=param_dtype, rngs=rngs)
+        b, kw = cfg.has_mlp_bias, dict(param_dtype=param_dtype, rngs=rngs)
+        self.fc_in = linear(cfg.d_model, cfg.d_hidden, cfg, b, **kw)
         # jax.nn.gelu defaults to approximate=True (tanh); torch's nn.GELU to exact (erf), which
         # exact_gelu computes with torch's formula (jax.nn.gelu's exact form is slow on CPU).
         exact = cfg.gelu_approximate == "none"
         self.gelu = exact_gelu if exact else functools.partial(jax.nn.gelu, approximate=True)
-        self.fc_out = linear(cfg.d_hidden, cfg.d_model, cfg, cfg.has_mlp_bias, param_dtype=param_dtype, rngs=rngs)
+        self.fc_out = linear(cfg.d_hidden, cfg.d_model, cfg, b, **kw)
         self.dropout = nnx.Dropout(cfg.resid_dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -277,7 +280,7 @@ class Block(nnx.Module):
             self.mlp = (MLP if cfg.mlp == "gelu" else SwiGLU)(cfg, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, return_intermediates: bool = False, t=None, mask=None, pos=None):
-        """``t``, ``mask``, ``pos``: a cached step, rotary position ids (see CausalSelfAttention.__call__)."""
+        """``t``, ``mask``, ``pos``: a cached step and rotary position ids (CausalSelfAttention)."""
         param_dtype = dtype_name(self.ln_1.scale[...].dtype)
         check_block_input(tuple(x.shape), dtype_name(x.dtype), param_dtype, self.cfg)
         ln_1 = self.ln_1(x)

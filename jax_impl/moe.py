@@ -32,7 +32,8 @@ def ranks(logits: jax.Array) -> jax.Array:
     E = logits.shape[-1]
     idx = jnp.arange(E)
     li, lj = logits[:, :, None], logits[:, None, :]  # (N, E, 1) expert e, (N, 1, E) rival j
-    beats = (lj > li) | ((lj == li) & (idx[None, None, :] < idx[None, :, None]))  # (N, E, E): j beats e
+    # (N, E, E): rival j beats expert e with a larger logit, or an equal one and a lower index
+    beats = (lj > li) | ((lj == li) & (idx[None, None, :] < idx[None, :, None]))
     return beats.sum(-1)  # (N, E), a permutation of 0..E-1 per token
 
 
@@ -43,14 +44,16 @@ def route(logits: jax.Array, cfg: BlockConfig) -> jax.Array:
     N, E = logits.shape
     k = cfg.top_k
     rank = ranks(logits)
-    chosen = rank[:, None, :] == jnp.arange(k)[None, :, None]  # (N, k, E) one-hot
+    # (N, k, E): one-hot of the expert at each choice rank
+    chosen = rank[:, None, :] == jnp.arange(k)[None, :, None]
     probs = jax.nn.softmax(logits, axis=-1)  # over all E experts, then top-k (Mixtral)
     weight = (chosen * probs[:, None, :]).sum(-1)  # (N, k) the chosen probabilities, rank order
     if cfg.norm_topk_prob:
         weight = weight / weight.sum(-1, keepdims=True)
     cap = capacity(N, E, k, cfg.capacity_factor)
     if cap is not None:  # pairs counted per expert in (token, rank) order, row-major over (N, k)
-        arrival = jnp.cumsum(chosen.reshape(N * k, E), axis=0).reshape(N, k, E)  # 1 for an expert's first pair
+        # 1 for an expert's first pair, 2 for its second, ...
+        arrival = jnp.cumsum(chosen.reshape(N * k, E), axis=0).reshape(N, k, E)
         chosen = chosen & (arrival <= cap)
     return (chosen * weight[:, :, None]).sum(1)  # (N, E)
 

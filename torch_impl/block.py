@@ -202,7 +202,7 @@ class KVCache(nn.Module):
         self, batch: int, length: int, cfg: BlockConfig, dtype: torch.dtype, device,
         heads: int | None = None,
     ):  # fmt: skip
-        """``heads``: the key/value heads this process holds (nkv, or nkv / model tensor-parallel)."""
+        """``heads``: the key/value heads this process holds (nkv; nkv / model tensor-parallel)."""
         super().__init__()
         # (B, nkv, L, hs): the layout this framework's attention reads; nkv key/value heads
         shape = (batch, heads or cfg.kv_heads, length, cfg.d_head)
@@ -223,9 +223,10 @@ class KVCache(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: BlockConfig):
         super().__init__()
-        self.fc_in = linear(cfg.d_model, cfg.d_hidden, cfg, cfg.has_mlp_bias)
+        b = cfg.has_mlp_bias
+        self.fc_in = linear(cfg.d_model, cfg.d_hidden, cfg, b)
         self.gelu = nn.GELU(approximate=cfg.gelu_approximate)  # "none" = exact erf, torch's default
-        self.fc_out = linear(cfg.d_hidden, cfg.d_model, cfg, cfg.has_mlp_bias)
+        self.fc_out = linear(cfg.d_hidden, cfg.d_model, cfg, b)
         self.dropout = nn.Dropout(cfg.resid_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,7 +266,7 @@ class Block(nn.Module):
             self.mlp = (MLP if cfg.mlp == "gelu" else SwiGLU)(cfg)
 
     def forward(self, x: torch.Tensor, return_intermediates: bool = False, t=None, mask=None, pos=None):
-        """``t``, ``mask``, ``pos``: a cached step, rotary position ids (see CausalSelfAttention.forward)."""
+        """``t``, ``mask``, ``pos``: a cached step and rotary position ids (CausalSelfAttention)."""
         param_dtype = dtype_name(self.ln_1.weight.dtype)
         check_block_input(tuple(x.shape), dtype_name(x.dtype), param_dtype, self.cfg)
         ln_1 = self.ln_1(x)

@@ -31,7 +31,8 @@ def ranks(logits: torch.Tensor) -> torch.Tensor:
     E = logits.shape[-1]
     idx = torch.arange(E, device=logits.device)
     li, lj = logits[:, :, None], logits[:, None, :]  # (N, E, 1) expert e, (N, 1, E) rival j
-    beats = (lj > li) | ((lj == li) & (idx[None, None, :] < idx[None, :, None]))  # (N, E, E): j beats e
+    # (N, E, E): rival j beats expert e with a larger logit, or an equal one and a lower index
+    beats = (lj > li) | ((lj == li) & (idx[None, None, :] < idx[None, :, None]))
     return beats.sum(-1)  # (N, E), a permutation of 0..E-1 per token
 
 
@@ -42,14 +43,16 @@ def route(logits: torch.Tensor, cfg: BlockConfig) -> torch.Tensor:
     N, E = logits.shape
     k = cfg.top_k
     rank = ranks(logits)
-    chosen = rank[:, None, :] == torch.arange(k, device=logits.device)[None, :, None]  # (N, k, E) one-hot
+    # (N, k, E): one-hot of the expert at each choice rank
+    chosen = rank[:, None, :] == torch.arange(k, device=logits.device)[None, :, None]
     probs = torch.softmax(logits, dim=-1)  # over all E experts, then top-k (Mixtral)
     weight = (chosen * probs[:, None, :]).sum(-1)  # (N, k) the chosen probabilities, rank order
     if cfg.norm_topk_prob:
         weight = weight / weight.sum(-1, keepdim=True)
     cap = capacity(N, E, k, cfg.capacity_factor)
     if cap is not None:  # pairs counted per expert in (token, rank) order, row-major over (N, k)
-        arrival = chosen.reshape(N * k, E).cumsum(0).reshape(N, k, E)  # 1 for an expert's first pair
+        # 1 for an expert's first pair, 2 for its second, ...
+        arrival = chosen.reshape(N * k, E).cumsum(0).reshape(N, k, E)
         chosen = chosen & (arrival <= cap)
     return (chosen * weight[:, :, None]).sum(1)  # (N, E)
 

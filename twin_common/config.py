@@ -110,9 +110,11 @@ class BlockConfig(DictConfig):
     norm: Norm = "layernorm"  # "rmsnorm": x / sqrt(mean(x^2) + ln_eps) * weight, no mean, no bias
     pos: Pos = "learned"  # "rope": rotary positions inside attention; "learned": the GPT adds wpe
     rope_theta: float = 10000.0  # rotary base (Llama 2: 10000, Llama 3: 500000, SmolLM2: 100000)
-    rope_layout: RopeLayout = "half"  # "half": rotate_half (transformers); "interleaved": pairs (Meta, GPT-J)
+    # "half": transformers' rotate_half; "interleaved": adjacent pairs (Meta's Llama, GPT-J)
+    rope_layout: RopeLayout = "half"
     n_kv_heads: int | None = None  # key/value heads; None: n_heads. 1: multi-query; between: grouped
-    mlp: Mlp = "gelu"  # "swiglu": down(silu(gate(x)) * up(x)) (Llama); "gelu": fc_out(gelu(fc_in(x)))
+    # "swiglu": down(silu(gate(x)) * up(x)) (Llama); "gelu": fc_out(gelu(fc_in(x))); "moe": routed
+    mlp: Mlp = "gelu"
     mlp_hidden: int | None = None  # MLP hidden width; None: mlp_ratio * d_model
     attn_bias: bool | None = None  # biases of q/k/v/out projections; None: ``bias``
     mlp_bias: bool | None = None  # biases of the MLP's Linears; None: ``bias``
@@ -121,8 +123,9 @@ class BlockConfig(DictConfig):
     n_experts: int | None = None  # experts per MoE layer (Mixtral 8); required with mlp="moe"
     top_k: int = 2  # experts each token is routed to (Mixtral 2)
     norm_topk_prob: bool = True  # renormalise the k chosen softmax weights to sum 1 (Mixtral: yes)
-    capacity_factor: float | None = None  # None: dropless; c: each expert takes ceil(c * k * N / E) of N tokens
-    router_aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch 0.01; Mixtral's config 0.001)
+    # None: dropless; c: each expert takes at most ceil(c * k * N / E) of N tokens
+    capacity_factor: float | None = None
+    router_aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch 0.01; Mixtral 0.001)
     router_z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE 0.001; Mixtral none)
 
     def __post_init__(self) -> None:
@@ -138,7 +141,8 @@ class BlockConfig(DictConfig):
 
     @property
     def kv_heads(self) -> int:
-        """Key/value heads (n_kv_heads, or n_heads when unset); each serves n_heads / kv_heads queries."""
+        """Key/value heads (n_kv_heads, or n_heads when unset); each serves n_heads / kv_heads
+        query heads."""
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property

@@ -133,11 +133,11 @@ def block_table(
         E = cfg.n_experts
         mlp = (
             # the experts keep nn.Linear's (out, in) per expert on both sides: no transform
-            # torch key                Flax path                              transform  torch shape  split  rope
-            ("mlp.router.weight",      ("mlp", "router", "kernel"),          T,         (E, C),      REP,   0),
-            ("mlp.experts.gate_proj",  ("mlp", "experts", "gate_proj"),      ID,        (E, H, C),   EXP,   0),
-            ("mlp.experts.up_proj",    ("mlp", "experts", "up_proj"),        ID,        (E, H, C),   EXP,   0),
-            ("mlp.experts.down_proj",  ("mlp", "experts", "down_proj"),      ID,        (E, C, H),   EXP,   0),
+            # torch key               Flax path                        trans  torch shape split rope
+            ("mlp.router.weight",     ("mlp", "router", "kernel"),     T,     (E, C),     REP,  0),
+            ("mlp.experts.gate_proj", ("mlp", "experts", "gate_proj"), ID,    (E, H, C),  EXP,  0),
+            ("mlp.experts.up_proj",   ("mlp", "experts", "up_proj"),   ID,    (E, H, C),  EXP,  0),
+            ("mlp.experts.down_proj", ("mlp", "experts", "down_proj"), ID,    (E, C, H),  EXP,  0),
         )  # fmt: skip
     rows = (
         # split over `model`: OUT keeps whole heads per device (k and v: whole key/value heads, so
@@ -157,7 +157,8 @@ def block_table(
         ("ln_2.weight",          ("ln_2", "scale"),               ID,        (C,),        REP,   0),
         ("ln_2.bias",            ("ln_2", "bias"),                ID,        (C,),        REP,   0),
     ) + mlp  # fmt: skip
-    bias = {"ln_1": cfg.has_norm_bias, "ln_2": cfg.has_norm_bias, "attn": cfg.has_attn_bias, "mlp": cfg.has_mlp_bias}
+    bias = {"ln_1": cfg.has_norm_bias, "ln_2": cfg.has_norm_bias, "attn": cfg.has_attn_bias,
+            "mlp": cfg.has_mlp_bias}  # fmt: skip
     return tuple(
         ParamSpec(torch_prefix + key, tuple(flax_prefix) + path, transform, shape, split, rope)
         for key, path, transform, shape, split, rope in rows
