@@ -190,6 +190,20 @@ def test_tensor_parallel_torch_generates_with_the_local_kv_heads(tmp_path):
         assert found[name]["tokens"] == one_device, name
 
 
+def test_preflight_checks_a_rotary_model_without_a_position_table(tmp_path):
+    """scripts.generate / scripts.export check a config against its file's tensor headers before
+    building a model: a rotary model's file has no wpe and passes; a wrong size is still named."""
+    from torch_impl.gpt import GPT
+    from weight_conversion.preflight import check_fits
+    from weight_conversion.validate import ConversionError
+
+    cfg = GPTConfig.llama_tiny()
+    wc.save(GPT(cfg), tmp_path / "llama.safetensors")
+    check_fits(cfg, "weights", tmp_path / "llama.safetensors")
+    with pytest.raises(ConversionError, match=r"n_layers=3, but the file holds 2 layer"):
+        check_fits(dataclasses.replace(cfg, n_layers=3), "weights", tmp_path / "llama.safetensors")
+
+
 # ------------------------------------------------------------------------------ the config
 
 
