@@ -24,6 +24,12 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
                       position of a left-padded batch, float32 and float64
   generate            torch vs JAX on a briefly trained GPT: per-step logits and the greedy and
                       sampled tokens (72 steps, same seed)
+  routing             the MoE preset (GPTConfig.moe_tiny's block): the experts each of 512 tokens
+                      chooses, identical in both twins except tokens whose margin the dtype cannot
+                      decide; its "moe" rows of forward, grad, train_step, resume, kv_cache, generate
+                      and sharded_* are the dense checks run on the MoE preset
+  hf_mixtral          transformers' MixtralForCausalLM imported into each twin: logits, router logits,
+                      expert choices and the load-balancing loss
   sharded_*           each twin on (data, model) meshes of simulated CPU devices vs one device:
                       forward, gradients, 20 AdamW steps; sharded torch vs sharded JAX; a resume
                       from JAX on (2, 2) into torch on (1, 2) (subprocesses; --skip-sharded)
