@@ -1,4 +1,5 @@
-"""GPT in Flax NNX: embeddings, a stack of the Pre-LN blocks, final LayerNorm, LM head.
+"""GPT in Flax NNX: embeddings, a stack of the Pre-LN blocks, final norm, LM head (GPT-2's or, by
+the config's switches, the Llama family's: no position table, rotary positions inside the blocks).
 Twin of torch_impl/gpt.py. Shapes: B batch, T sequence, C d_model, V vocabulary.
 """
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jax_impl.block import Block, KVCache, dtype_name, layer_norm
+from jax_impl.block import Block, KVCache, dtype_name, norm
 from twin_common import GPTConfig
 from twin_common.checks import check_token_input
 
@@ -24,16 +25,24 @@ def embedding(n: int, d: int, cfg: GPTConfig, *, param_dtype, rngs: nnx.Rngs) ->
     )  # fmt: skip
 
 
+def position_ids(slots: jax.Array, start: jax.Array) -> jax.Array:
+    """(B, T) position of each token: its cache slot minus its row's first real slot (left padding
+    shifts a short prompt right; its first token is still position 0). Padding slots get 0."""
+    return jnp.maximum(slots[None, :] - start[:, None], 0)
+
+
 class GPT(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         bc = cfg.block_config()
         self.wte = embedding(cfg.vocab_size, cfg.d_model, cfg, param_dtype=param_dtype, rngs=rngs)
-        self.wpe = embedding(cfg.block_size, cfg.d_model, cfg, param_dtype=param_dtype, rngs=rngs)
+        # rotary positions (cfg.pos == "rope") live in the attention: no position table
+        wpe = cfg.pos == "learned"
+        self.wpe = embedding(cfg.block_size, cfg.d_model, cfg, param_dtype=param_dtype, rngs=rngs) if wpe else None
         self.drop = nnx.Dropout(cfg.resid_dropout, rngs=rngs)
         # NNX needs nnx.List (flax >= 0.12) to see modules inside a list; torch needs nn.ModuleList.
         self.blocks = nnx.List([Block(bc, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.ln_f = layer_norm(bc, param_dtype=param_dtype, rngs=rngs)
+        self.ln_f = norm(bc, param_dtype=param_dtype, rngs=rngs)
         if cfg.tie_embeddings:
             self.lm_head = None  # logits use wte's matrix: one array, one checkpoint key
         else:
@@ -51,20 +60,30 @@ class GPT(nnx.Module):
         check_token_input(tuple(idx.shape), dtype_name(idx.dtype), self.cfg, value_range)
         B, T = idx.shape
         pos = jnp.arange(T)
-        # nnx.Embed fixes its output dtype when built (dtype=None means "the param dtype then"), so
-        # once the parameters are cast (bf16 compute) it would still return float32: follow the
-        # parameters explicitly. torch's nn.Embedding returns the weight's current dtype.
-        x = (self.wte(idx) + self.wpe(pos)).astype(self.wte.embedding[...].dtype)
-        x = self.drop(x)  # (B, T, C)
+        x = self.embed(idx, pos)  # (B, T, C)
         inter = {"embed": x}
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            if return_intermediates and self.cfg.mlp == "moe":
+                x, block_inter = block(x, return_intermediates=True)
+                inter[f"blocks.{i}.router_logits"] = block_inter["router_logits"]  # (B, T, E)
+            else:
+                x = block(x)
             inter[f"blocks.{i}"] = x
         x = self.ln_f(x)
         inter["ln_f"] = x
         logits = self.head(x)  # (B, T, V)
         inter["logits"] = logits
         return (logits, inter) if return_intermediates else logits
+
+    def embed(self, idx: jax.Array, pos: jax.Array) -> jax.Array:
+        """Token embeddings plus, with learned positions, those of ``pos`` (T,) or (B, T)."""
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        # nnx.Embed fixes its output dtype when built (dtype=None means "the param dtype then"), so
+        # once the parameters are cast (bf16 compute) it would still return float32: follow the
+        # parameters explicitly. torch's nn.Embedding returns the weight's current dtype.
+        return self.drop(x.astype(self.wte.embedding[...].dtype))
 
     def head(self, x: jax.Array) -> jax.Array:
         if self.lm_head is None:
@@ -98,16 +117,15 @@ class GPT(nnx.Module):
         B, T = idx.shape
         L = self.blocks[0].attn.kv_cache.k[...].shape[1]
         slots = t + jnp.arange(T)  # (T,) cache slot of each query
-        pos = jnp.maximum(slots[None, :] - start[:, None], 0)  # (B, T) position ids; padding: 0
+        pos = position_ids(slots, start)  # (B, T)
         keys = jnp.arange(L)  # (L,) cache slot of each key
         # query at slot q sees keys start[b] <= s <= q; a padding query sees itself only (an
         # all-masked row would give NaN, and NaN * 0 would leak into the real rows' outputs)
         mask = (keys <= slots[:, None]) & ((keys >= start[:, None, None]) | (keys == slots[:, None]))
         # mask: (B, T, L)
-        x = (self.wte(idx) + self.wpe(pos)).astype(self.wte.embedding[...].dtype)  # see __call__
-        x = self.drop(x)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, t=t, mask=mask[:, None])  # mask (B, 1, T, L): the same for every head
+        x = self.embed(idx, pos)  # (B, T, C)
+        for block in self.blocks:  # mask (B, 1, T, L): the same for every head
+            x = block(x, t=t, mask=mask[:, None], pos=pos)
         x = jax.lax.dynamic_index_in_dim(x, last, axis=1, keepdims=False)  # (B, C)
         return self.head(self.ln_f(x))  # (B, V)
 
@@ -116,3 +134,18 @@ def loss_fn(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean cross-entropy over every position, computed in at least float32."""
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32; f64 stays
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def model_loss(model: GPT, idx: jax.Array, targets: jax.Array) -> jax.Array:
+    """The training loss: loss_fn, plus with an MoE MLP the router's load-balancing loss and z-loss
+    (jax_impl/moe.py) times their config coefficients. (torch's twin takes a ``data_mean`` for its
+    data-parallel processes; a jitted step over a sharded batch already sees the whole batch.)"""
+    cfg = model.cfg
+    if cfg.mlp != "moe":
+        return loss_fn(model(idx), targets)
+    from jax_impl.moe import router_losses
+
+    logits, inter = model(idx, return_intermediates=True)
+    balance, z_loss = router_losses([inter[f"blocks.{i}.router_logits"] for i in range(cfg.n_layers)], cfg)
+    return loss_fn(logits, targets) + cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z_loss
+

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jax_impl.gpt import GPT, loss_fn
+from jax_impl.gpt import GPT, loss_fn, model_loss
 from twin_common.checks import check_token_input
 from twin_common.train_config import TrainConfig
 from weight_conversion.flax_side import flax_path
@@ -62,6 +62,17 @@ def split(model: GPT):
     return nnx.split(model, nnx.Param, ...)
 
 
+def cast_params(params, dtype):
+    """Every parameter in ``dtype`` (bf16 compute), except an MoE router's kernel: the router runs
+    in float32 whatever the compute dtype (twin_common/moe.py), on its float32 master weights, as
+    torch's twin does with autocast switched off around it."""
+
+    def cast(kp, a):
+        return a if flax_path(kp)[-2:] == ("router", "kernel") else a.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, compute_dtype=None, shardings=None):
     """A jitted (params, opt_state, rest, x, y) -> (params, opt_state, rest, loss, grad_norm).
 
@@ -79,11 +90,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, compute_dtype=No
     def train_step(params, opt_state, rest, x, y):
         def loss_of(p):
             if compute_dtype is not None:
-                p = jax.tree.map(lambda a: a.astype(compute_dtype), p)
+                p = cast_params(p, compute_dtype)
             # Fresh Variables for the RNG state inside this trace: NNX refuses to mutate (advance a
             # dropout RNG) a Variable that was created at an outer trace level.
             model = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, rest))
-            loss = loss_fn(model(x), y)
+            loss = model_loss(model, x, y)  # + the router losses of an MoE model
             return loss, nnx.state(model, nnx.Not(nnx.Param))  # dropout RNG state moves on
 
         (loss, rest_out), grads = jax.value_and_grad(loss_of, has_aux=True)(params)

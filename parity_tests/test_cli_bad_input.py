@@ -294,3 +294,27 @@ def test_train_then_export_as_the_readme_writes_it(made, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2-tiny")
     assert hf.config.n_layer == T.MODELS["tiny"].n_layers
+
+
+@pytest.mark.parametrize("preset, family, hf_class", [("llama_tiny", "Llama", "LlamaForCausalLM"),
+                                                      ("moe_tiny", "Mixtral", "MixtralForCausalLM")])  # fmt: skip
+def test_export_writes_the_transformers_layout_of_the_models_family(tmp_path, capsys, preset, family, hf_class):
+    """A Llama-style or MoE weights file -> a LlamaForCausalLM / MixtralForCausalLM folder, verified
+    against its float64 NumPy model; transformers loads it and computes the twin's logits."""
+    import numpy as np
+    import torch
+
+    import weight_conversion as wc
+    from torch_impl.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(getattr(GPTConfig, preset)()).eval()
+    wc.save(model, tmp_path / "model.safetensors")
+    out = tmp_path / "hf"
+    assert E.main(["--checkpoint", str(tmp_path / "model.safetensors"), "--out", str(out)]) == 0
+    assert f"float64 NumPy {family} of the file" in capsys.readouterr().out
+    transformers = pytest.importorskip("transformers")
+    hf = getattr(transformers, hf_class).from_pretrained(out).eval()
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        np.testing.assert_allclose(hf(idx).logits.numpy(), model(idx).numpy(), atol=1e-5, rtol=0)

@@ -82,3 +82,42 @@ def test_the_compiled_training_step_holds_the_loss_in_one_graph_and_matches_eage
     assert seen["fn"] is forward_loss and seen["fullgraph"] is True
     assert counter.frame_count == 1, "one graph: the forward and the loss, for every step"
     assert results[True] == results[False]
+
+
+def test_the_compiled_moe_step_carries_the_router_losses(monkeypatch):
+    """An MoE model's compiled forward + loss is still one fullgraph function, and its loss is
+    model_loss's (cross-entropy plus the router's load-balancing and z losses) as in eager mode;
+    evaluation reports the cross-entropy alone, as the JAX twin's eval_loss."""
+    import dataclasses
+
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from torch_impl.gpt import loss_fn, model_loss
+
+    cfg = dataclasses.replace(GPTConfig.moe_tiny(), vocab_size=64, block_size=16)
+    counter = CompileCounterWithBackend("aot_eager")
+    real_compile = torch.compile
+    tcfg = TrainConfig(steps=4, batch_size=2, seq_len=8)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 64, (2, 8)), rng.integers(0, 64, (2, 8))
+    torch._dynamo.reset()
+    results = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counter}))
+        torch.manual_seed(0)
+        trainer = Trainer(GPT(cfg), tcfg, compile=compiled)
+        monkeypatch.setattr(torch, "compile", real_compile)
+        with torch.no_grad():
+            expected = model_loss(trainer.model.eval(), torch.from_numpy(x), torch.from_numpy(y))
+            cross_entropy = loss_fn(trainer.model(torch.from_numpy(x)), torch.from_numpy(y))
+        trainer.model.train()
+        results[compiled] = (float(trainer.step(x, y)[0]), trainer.eval_loss(x, y))
+        assert results[compiled][0] == pytest.approx(float(expected), rel=1e-6)
+        with torch.no_grad():  # after the step: what evaluation must report
+            after = loss_fn(trainer.model.eval()(torch.from_numpy(x)), torch.from_numpy(y))
+        assert results[compiled][1] == pytest.approx(float(after), rel=1e-6)
+    torch._dynamo.reset()
+    assert counter.frame_count == 2, "one graph for the training loss, one for evaluation"
+    assert float(expected) > float(cross_entropy)  # the router losses are in it
+    assert results[True] == results[False]

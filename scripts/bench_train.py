@@ -45,6 +45,7 @@ from twin_common.presets import presets  # noqa: E402
 from twin_common.train_config import TrainConfig  # noqa: E402
 
 MODELS = {name: (cfg, 16) for name, cfg in presets("small", "wide", "gpt2-padded").items()}  # (config, batch)
+MODELS["mixtral-small"] = (presets("mixtral-small")["mixtral-small"], 4)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
 

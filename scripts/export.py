@@ -1,4 +1,4 @@
-"""Publish a trained model: a run folder or checkpoint -> a weights file or a transformers GPT-2 folder.
+"""Publish a trained model: a run folder or checkpoint -> a weights file or a transformers folder.
 
     python -m scripts.export --checkpoint runs/torch --out model.safetensors   # the project's weights file
     python -m scripts.export --checkpoint runs/torch --out gpt2-tiny            # GPT2LMHeadModel.from_pretrained loads it
@@ -6,11 +6,13 @@
 --checkpoint is what scripts.generate takes: a run folder of scripts.train (its latest checkpoint),
 a training checkpoint or weights file, or a transformers GPT-2 folder. --out ending in .safetensors
 writes one weights file (torch layout, config in its metadata: weight_conversion.load reads it into
-either twin); any other --out is a transformers GPT-2 folder (config.json + model.safetensors), which
-a model with biases has (GPT-2's layout; the AdamW moments are not exported). A target that exists
-is refused unless --overwrite. Everything is written atomically, then verified: read back into a
-fresh twin and compared bit for bit, and a GPT-2 folder is also run against a float64 NumPy GPT-2
-computed from its own file (weight_conversion.hf_gpt2.import_hf_gpt2(..., verify=True)).
+either twin); any other --out is a transformers folder (config.json + model.safetensors; the AdamW
+moments are not exported) in the layout of the model's family: GPT2LMHeadModel for a GPT-2 block
+(which has biases), LlamaForCausalLM for rotary positions (the Llama switches), MixtralForCausalLM
+for an MoE MLP. A target that exists is refused unless --overwrite. Everything is written
+atomically, then verified: read back into a fresh twin and compared bit for bit, and a transformers
+folder is also run against the float64 NumPy model computed from its own file
+(import_hf_gpt2 / import_hf_llama / import_hf_mixtral with verify=True).
 """
 
 from __future__ import annotations
@@ -41,6 +43,23 @@ def out_problem(out: str, gpt2: bool, overwrite: bool) -> str | None:
     return None
 
 
+def hf_family(cfg):
+    """(name, exporter, config reader, importer) of the transformers layout for ``cfg``: Mixtral for
+    an MoE MLP, Llama for rotary positions, GPT-2 otherwise (each exporter refuses, naming the field,
+    a config its layout cannot hold)."""
+    if cfg.mlp == "moe":
+        from weight_conversion import hf_mixtral as m
+
+        return "Mixtral", m.export_hf_mixtral, m.mixtral_config_from_dir, m.import_hf_mixtral
+    if cfg.pos == "rope":
+        from weight_conversion import hf_llama as m
+
+        return "Llama", m.export_hf_llama, m.llama_config_from_dir, m.import_hf_llama
+    from weight_conversion import hf_gpt2 as m
+
+    return "GPT-2", m.export_hf_gpt2, m.gpt2_config_from_dir, m.import_hf_gpt2
+
+
 def export(checkpoint: str, out: str, *, overwrite: bool = False) -> str:
     """Write ``out`` from ``checkpoint`` and verify it; returns what was verified, in words."""
     import torch
@@ -55,12 +74,11 @@ def export(checkpoint: str, out: str, *, overwrite: bool = False) -> str:
     model = load_model("torch", kind, path, cfg)
     source = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if gpt2:
-        from weight_conversion.hf_gpt2 import export_hf_gpt2, gpt2_config_from_dir, import_hf_gpt2
-
-        export_hf_gpt2(model, out, overwrite=overwrite)
-        again = GPT(gpt2_config_from_dir(out))
-        import_hf_gpt2(again, out, verify=True)
-        how = "read back bit for bit, and within the float32 bound of a float64 NumPy GPT-2 of the file"
+        family, write, config_of, read = hf_family(cfg)
+        write(model, out, overwrite=overwrite)
+        again = GPT(config_of(out))
+        read(again, out, verify=True)
+        how = f"read back bit for bit, and within the float32 bound of a float64 NumPy {family} of the file"
     else:
         wc.save(model, out)
         again = GPT(cfg)
@@ -80,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoint or weights file, or GPT-2 folder")
-    p.add_argument("--out", required=True, help="NAME.safetensors: a weights file; anything else: a GPT-2 folder")
+    p.add_argument("--out", required=True,
+                   help="NAME.safetensors: a weights file; anything else: a transformers folder (GPT-2, Llama or Mixtral)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
 

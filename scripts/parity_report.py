@@ -24,6 +24,12 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
                       position of a left-padded batch, float32 and float64
   generate            torch vs JAX on a briefly trained GPT: per-step logits and the greedy and
                       sampled tokens (72 steps, same seed)
+  routing             the MoE preset (GPTConfig.moe_tiny's block): the experts each of 512 tokens
+                      chooses, identical in both twins except tokens whose margin the dtype cannot
+                      decide; its "moe" rows of forward, grad, train_step, resume, kv_cache, generate
+                      and sharded_* are the dense checks run on the MoE preset
+  hf_mixtral          transformers' MixtralForCausalLM imported into each twin: logits, router logits,
+                      expert choices and the load-balancing loss
   sharded_*           each twin on (data, model) meshes of simulated CPU devices vs one device:
                       forward, gradients, 20 AdamW steps; sharded torch vs sharded JAX; a resume
                       from JAX on (2, 2) into torch on (1, 2) (subprocesses; --skip-sharded)
@@ -114,6 +120,28 @@ def hf_plan(dtypes):
                           lambda f=fw, o=overrides: hh.hf_gpt2_check(f, 1, hh.POSITIONS, "eager", dtype="float64", **o))
 
 
+def moe_plan(dtypes, skip_training: bool):
+    """Rows for the Mixture-of-Experts preset (parity_tests/moe_harness.py): forward and routing in
+    each dtype; unless --skip-training, gradients, AdamW, resume, KV cache, generate and transformers'
+    Mixtral. Its sharded rows (expert parallelism) come with the other sharded rows (moe_sharded_plan)."""
+    from twin_parity import moe_harness as mh
+
+    both = ("torch", "jax")
+    for dtype in dtypes:
+        for direction in h.DIRECTIONS:
+            yield Planned(f"moe forward {direction} {dtype}", "forward", both,
+                          lambda d=dtype, r=direction: mh.forward_check(d, r))  # fmt: skip
+        yield Planned(f"moe routing {dtype}", "routing", both, lambda d=dtype: mh.routing_check(d))
+    if skip_training or "float32" not in dtypes:
+        return
+    for label, run in mh.checks(skip_training=False):
+        if label.split()[1] not in ("forward", "routing"):
+            yield Planned(label, label.split()[1], both, run)
+    for fw in both:
+        yield Planned(f"hf_mixtral transformers->{fw}", "hf_mixtral", ("torch", "transformers", fw),
+                      lambda f=fw: mh.hf_mixtral_check(f))  # fmt: skip
+
+
 def sharded_unavailable() -> str | None:
     """Why the sharded rows cannot run here, or None."""
     import multiprocessing
@@ -167,10 +195,24 @@ def sharded_plan():
     yield Planned("sharded torch 2x2 vs jax 2x2", "sharded", both, cross)
 
 
+def moe_sharded_plan():
+    """The MoE sharded rows: JAX on 1x2 and 2x2 simulated devices in one subprocess, torch on 1x2 and
+    2x2 (gloo processes), each mesh's forward and training against one device, experts over model."""
+    from twin_parity import moe_harness as mh
+
+    both = ("torch", "jax")
+    yield Planned("moe sharded jax 1x2, 2x2 (experts over model)", "sharded", both,
+                  lambda: [h.Result(**r) for r in mh.run_jax_sharded()], 2 * len(mh.SHARDED_MESHES))  # fmt: skip
+    for mesh in ((1, 2), (2, 2)):
+        yield Planned(f"moe sharded torch {mesh[0]}x{mesh[1]} (gloo processes, experts over model)", "sharded",
+                      both, lambda m=mesh: mh.torch_sharded_rows(m), 2)  # fmt: skip
+
+
 def _still_run() -> str:
     """The checks --skip-training keeps, in plan order, read from the plans themselves."""
     dtypes = list(h.PARITY_DTYPES)
     names = [p.check for p in plan(dtypes, [4], ["cpu"], {"cpu": None})] + [p.check for p in hf_plan(dtypes)]
+    names += [p.check for p in moe_plan(dtypes, skip_training=True)]
     kept = [n for n in dict.fromkeys(names) if n not in TRAINING_CHECKS]
     return ", ".join(kept[:-1]) + " and " + kept[-1]
 
@@ -354,6 +396,7 @@ def main(argv=None) -> int:
     if not args.skip_training:
         planned += list(training_plan(args.dtypes, torch_devices, jax_devices))
     planned += list(hf_plan(args.dtypes))
+    planned += list(moe_plan(args.dtypes, args.skip_training))
     if args.only:
         known = sorted({p.check for p in planned} | {"sharded"})
         unknown = [c for c in args.only if c not in known]
@@ -372,7 +415,7 @@ def main(argv=None) -> int:
     if args.only and "sharded" not in args.only:
         skipped_sharded = "--only"
     if skipped_sharded is None and "float32" in args.dtypes:
-        checks += list(sharded_plan())
+        checks += list(sharded_plan()) + list(moe_sharded_plan())
     elif not args.quiet and "float32" in args.dtypes:
         print(f"sharded rows skipped: {skipped_sharded}", file=sys.stderr)
     if not args.quiet:

@@ -18,7 +18,7 @@ from twin_common import data as D
 from .sharded_run import sharded_trainer
 from twin_common.train_config import TrainConfig
 
-MODELS = presets("tiny", "small", "gpt2-padded")
+MODELS = presets("tiny", "small", "gpt2-padded", "llama-tiny", "moe-tiny")
 
 
 def data_info(text: bytes, source: str) -> dict:

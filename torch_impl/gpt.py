@@ -1,4 +1,5 @@
-"""GPT in PyTorch: embeddings, a stack of the Pre-LN blocks, final LayerNorm, LM head.
+"""GPT in PyTorch: embeddings, a stack of the Pre-LN blocks, final norm, LM head (GPT-2's or, by
+the config's switches, the Llama family's: no position table, rotary positions inside the blocks).
 Twin of jax_impl/gpt.py. Shapes: B batch, T sequence, C d_model, V vocabulary.
 """
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_impl.block import Block, KVCache, dtype_name, layer_norm
+from torch_impl.block import Block, KVCache, dtype_name, norm
 from twin_common import GPTConfig
 from twin_common.checks import check_token_input
 
@@ -20,16 +21,23 @@ def embedding(n: int, d: int, cfg: GPTConfig) -> nn.Embedding:
     return layer
 
 
+def position_ids(slots: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token: its cache slot minus its row's first real slot (left padding
+    shifts a short prompt right; its first token is still position 0). Padding slots get 0."""
+    return (slots[None, :] - start[:, None]).clamp(min=0)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
         bc = cfg.block_config()
         self.wte = embedding(cfg.vocab_size, cfg.d_model, cfg)
-        self.wpe = embedding(cfg.block_size, cfg.d_model, cfg)
+        # rotary positions (cfg.pos == "rope") live in the attention: no position table
+        self.wpe = embedding(cfg.block_size, cfg.d_model, cfg) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.resid_dropout)
         self.blocks = nn.ModuleList([Block(bc) for _ in range(cfg.n_layers)])
-        self.ln_f = layer_norm(bc)
+        self.ln_f = norm(bc)
         if cfg.tie_embeddings:
             self.lm_head = None  # logits use wte's matrix: one tensor, one state_dict key
         else:
@@ -44,16 +52,27 @@ class GPT(nn.Module):
         check_token_input(tuple(idx.shape), dtype_name(idx.dtype), self.cfg, value_range)
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.embed(idx, pos)  # (B, T, C)
         inter = {"embed": x}
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            if return_intermediates and self.cfg.mlp == "moe":
+                x, block_inter = block(x, return_intermediates=True)
+                inter[f"blocks.{i}.router_logits"] = block_inter["router_logits"]  # (B, T, E)
+            else:
+                x = block(x)
             inter[f"blocks.{i}"] = x
         x = self.ln_f(x)
         inter["ln_f"] = x
         logits = self.head(x)  # (B, T, V)
         inter["logits"] = logits
         return (logits, inter) if return_intermediates else logits
+
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Token embeddings plus, with learned positions, those of ``pos`` (T,) or (B, T)."""
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        return self.drop(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
@@ -67,7 +86,7 @@ class GPT(nn.Module):
         (same buffers across generate calls: no reallocation, no recompilation)."""
         w = self.wte.weight
         for block in self.blocks:
-            cache, heads = block.attn.kv_cache, block.attn.local_heads()
+            cache, heads = block.attn.kv_cache, block.attn.local_kv_heads()
             if cache is None or cache.k.shape[:3] != (batch, heads, length) or (
                 cache.k.dtype != w.dtype or cache.k.device != w.device
             ):
@@ -87,15 +106,15 @@ class GPT(nn.Module):
         B, T = idx.shape
         L = self.blocks[0].attn.kv_cache.k.shape[2]
         slots = t + torch.arange(T, device=idx.device)  # (T,) cache slot of each query
-        pos = (slots[None, :] - start[:, None]).clamp(min=0)  # (B, T) position ids; padding: 0
+        pos = position_ids(slots, start)  # (B, T)
         keys = torch.arange(L, device=idx.device)  # (L,) cache slot of each key
         # query at slot q sees keys start[b] <= s <= q; a padding query sees itself only (an
         # all-masked row would give NaN, and NaN * 0 would leak into the real rows' outputs)
         mask = (keys <= slots[:, None]) & ((keys >= start[:, None, None]) | (keys == slots[:, None]))
         # mask: (B, T, L)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, t=t, mask=mask[:, None])  # mask (B, 1, T, L): the same for every head
+        x = self.embed(idx, pos)  # (B, T, C)
+        for block in self.blocks:  # mask (B, 1, T, L): the same for every head
+            x = block(x, t=t, mask=mask[:, None], pos=pos)
         x = torch.index_select(x, 1, last.reshape(1))[:, 0]  # (B, C)
         return self.head(self.ln_f(x))  # (B, V)
 
@@ -104,3 +123,17 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over every position, computed in at least float32."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> f32; f64 stays
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def model_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor, data_mean=None) -> torch.Tensor:
+    """The training loss: loss_fn, plus with an MoE MLP the router's load-balancing loss and z-loss
+    (torch_impl/moe.py) times their config coefficients (``data_mean``: see router_losses)."""
+    cfg = model.cfg
+    if cfg.mlp != "moe":
+        return loss_fn(model(idx), targets)
+    from torch_impl.moe import router_losses
+
+    logits, inter = model(idx, return_intermediates=True)
+    balance, z_loss = router_losses([inter[f"blocks.{i}.router_logits"] for i in range(cfg.n_layers)], cfg, data_mean)
+    return loss_fn(logits, targets) + cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z_loss
+

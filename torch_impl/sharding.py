@@ -14,6 +14,7 @@ styles insert the two all-reduces per block; FSDP2's replicate() averages gradie
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import sys
 from typing import NoReturn
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from torch_impl.train import Trainer
 from twin_common.mesh import AXES, MeshShape, check_mesh
@@ -92,6 +93,31 @@ def make_mesh(mesh: MeshShape) -> DeviceMesh:
     return init_device_mesh(device_type(), mesh.shape, mesh_dim_names=AXES)
 
 
+class ExpertParallel(ParallelStyle):
+    """Expert parallelism for a MoE layer's stacked experts (torch_impl/moe.py, Experts): whole
+    experts per device (the table's EXPERTS split, Shard(0)); the tokens and combine weights
+    enter whole (Replicate), each device runs its own experts, and the weighted sum over experts
+    leaves partial sums that one all-reduce completes before the output leaves as a plain tensor.
+    torch has no ready-made style for this (ColwiseParallel / RowwiseParallel are for Linears);
+    JAX needs none: its PartitionSpec on the stacked arrays is the whole plan."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        for name, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, device_mesh, [Shard(0)])))
+
+        def whole_inputs(_, args):
+            return tuple(DTensor.from_local(a, device_mesh, [Replicate()], run_check=False) for a in args)
+
+        def all_reduced(_, __, out):
+            return out.redistribute(device_mesh, [Replicate()]).to_local()
+
+        module.register_forward_pre_hook(whole_inputs)
+        module.register_forward_hook(all_reduced)
+        return module
+
+
 def tp_plan(cfg) -> dict[str, ColwiseParallel | RowwiseParallel]:
     """{module path: DTensor style} for every Linear the table splits over ``model``.
 
@@ -104,6 +130,8 @@ def tp_plan(cfg) -> dict[str, ColwiseParallel | RowwiseParallel]:
         module, _, name = spec.torch_key.rpartition(".")
         if name == "weight" and spec.split in styles:
             plan[module] = styles[spec.split]()
+        elif spec.split is Split.EXPERTS:  # the stacked experts: one style for the module
+            plan[module] = ExpertParallel()
     # The styles decide the bias placement themselves: check that they agree with the table.
     for spec in table_for(cfg):
         module, _, name = spec.torch_key.rpartition(".")
@@ -178,6 +206,12 @@ class ShardedTrainer(Trainer):
         # unsharded copies during a forward and, after one without backward (evaluation, sampling),
         # leaves the copies registered: named_parameters() then no longer finds AdamW's state.
         self.params = dict(model.named_parameters())
+        # an MoE's load-balancing loss over the whole batch, as on one device (torch_impl/moe.py)
+        self.loss_of = functools.partial(self.loss_of, data_mean=self._data_mean_no_grad)
+
+    def _data_mean_no_grad(self, value: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._mean_over_data(value)
 
     def _mean_over_data(self, value: torch.Tensor) -> torch.Tensor:
         """A per-process mean (over this process's rows) -> the global batch's mean."""

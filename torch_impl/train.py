@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from torch_impl.gpt import GPT, loss_fn
+from torch_impl.gpt import GPT, loss_fn, model_loss
 from twin_common.checks import check_token_input
 from twin_common.train_config import TrainConfig
 from twin_common.params import table_for
@@ -50,16 +50,20 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
 
 
 def forward_loss(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """The mean cross-entropy of model(x) against y, the forward under autocast when asked. The
-    Trainer compiles this whole function (not the model alone): the float32 upcast of the logits,
-    log-softmax and its backward then fuse into the compiled graph instead of running eagerly over
-    (B, T, V) float32 copies after it."""
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None = None,
+    data_mean=None, router_losses: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """The training loss of model(x) against y (model_loss: the mean cross-entropy, plus an MoE's
+    router losses; ``router_losses=False``: the cross-entropy alone, as evaluation reports it), the
+    forward under autocast when asked. The Trainer compiles this whole function (not the model
+    alone): the float32 upcast of the logits, log-softmax and its backward then fuse into the
+    compiled graph instead of running eagerly over (B, T, V) float32 copies after it.
+    ``data_mean``: a sharded trainer's mean over its data ranks (torch_impl/moe.py, router_losses)."""
     autocast = autocast_dtype is not None
     with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast):
-        logits = model(x)
-    return loss_fn(logits, y)
+        if not router_losses:
+            return loss_fn(model(x), y)  # loss_fn computes in float32 under autocast too
+        return model_loss(model, x, y, data_mean)
 
 
 def train_step(
@@ -67,8 +71,9 @@ def train_step(
     tcfg: TrainConfig, step: int, autocast_dtype: torch.dtype | None = None, loss_of=forward_loss,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step at 0-based ``step``; returns (loss, grad norm before clipping).
-    ``loss_of``: forward_loss, or its torch.compile'd version. Nothing here waits for the device:
-    the lr is a Python float, clipping scales on the device, and AdamW is fused (CUDA) or foreach."""
+    ``loss_of``: forward_loss, or its torch.compile'd version (a sharded trainer's pools MoE
+    statistics over its ranks). Nothing here waits for the device: the lr is a Python float,
+    clipping scales on the device, and AdamW is fused (CUDA) or foreach."""
     for group in optimizer.param_groups:
         group["lr"] = tcfg.lr_at(step)  # the shared schedule, set explicitly instead of LambdaLR
     optimizer.zero_grad(set_to_none=True)
@@ -84,7 +89,7 @@ def train_step(
 def eval_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_of=forward_loss) -> torch.Tensor:
     was_training = model.training
     model.eval()
-    loss = loss_of(model, x, y)
+    loss = loss_of(model, x, y, router_losses=False)  # the cross-entropy, as the JAX twin's eval_loss
     model.train(was_training)
     return loss
 

@@ -6,6 +6,9 @@ Two named axes, the same names in both frameworks (jax.sharding.Mesh / torch ini
   their gradients averaged over it.
 - ``model``: tensor parallel (Megatron-style). Parameters are split along it as the conversion
   table's ``split`` column says (twin_common/params.py); activations between blocks are whole.
+  A MoE layer's stacked experts split along it too, whole experts per device: expert parallelism
+  on the ``model`` devices rather than an axis of its own (each device runs its experts on every
+  token, one all-reduce adds their outputs; twin_common/moe.py).
 
 Every size is checked here, before any model is built or process group touched, and all problems
 come back in one ValueError.
@@ -77,9 +80,16 @@ def mesh_problems(mesh: MeshShape, cfg, *, n_devices: int | None = None, batch_s
                             f"simulate them: XLA_FLAGS=--xla_force_host_platform_device_count={mesh.size})")
     if cfg.n_heads % m:  # heads stay whole: each device computes n_heads / model of them
         problems.append(f"n_heads={cfg.n_heads} is not divisible by model={m} (heads cannot be split)")
-    d_hidden = cfg.mlp_ratio * cfg.d_model
+    if cfg.kv_heads != cfg.n_heads and cfg.kv_heads % m:  # and so do key/value heads, with their group
+        problems.append(f"n_kv_heads={cfg.kv_heads} is not divisible by model={m} (key/value heads cannot "
+                        f"be split: each device holds whole key/value heads with their query heads)")
+    d_hidden = cfg.d_hidden
     if d_hidden % m:
         problems.append(f"MLP hidden width {d_hidden} is not divisible by model={m}")
+    n_experts = getattr(cfg, "n_experts", None) if getattr(cfg, "mlp", None) == "moe" else None
+    if n_experts is not None and n_experts % m:  # expert parallelism rides on `model`: whole experts
+        problems.append(f"n_experts={n_experts} is not divisible by model={m} (experts stay whole: each "
+                        f"device holds n_experts / model of them)")
     if cfg.d_model % m:
         problems.append(f"d_model={cfg.d_model} is not divisible by model={m}")
     if batch_size is not None and batch_size % mesh.data:

@@ -19,6 +19,11 @@ PRESETS: dict[str, GPTConfig] = {
     # to 50304, exact GELU: GPT-2's checkpoints do not load)
     "gpt2": GPTConfig.gpt2_124m(),
     "gpt2-padded": GPTConfig.nanogpt_124m_padded(),
+    # the Llama block (RMSNorm, rotary positions, grouped-query attention, SwiGLU, no biases) and
+    # its routed-MLP form, byte-level; Mixtral's proportions at a size a benchmark can run
+    "llama-tiny": GPTConfig.llama_tiny(),
+    "moe-tiny": GPTConfig.moe_tiny(),  # 4 SwiGLU experts, top-2, router losses in the training loss
+    "mixtral-small": GPTConfig.mixtral_small(),  # dense-masked dispatch runs all 8 experts per token
 }
 
 

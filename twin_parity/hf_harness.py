@@ -1,13 +1,16 @@
-"""GPT-2 parity against transformers, shared by test_hf_gpt2.py and ``scripts.parity_report``.
+"""GPT-2 and Llama parity against transformers, shared by test_hf_gpt2.py, test_hf_llama.py and
+``scripts.parity_report``.
 
-transformers' ``GPT2LMHeadModel`` is built from a small ``GPT2Config`` with random weights (no
-download), every parameter perturbed after init (its init leaves biases at 0 and LayerNorm at 1, where
-a swapped bias or LayerNorm mapping would hide), saved with ``save_pretrained``, imported into a twin
-with ``weight_conversion.hf_gpt2``, and both are run on the same token ids.
+transformers' ``GPT2LMHeadModel`` (or ``LlamaForCausalLM``) is built from a small ``GPT2Config``
+(``LlamaConfig``) with random weights (no download), every parameter perturbed after init (its init
+leaves biases at 0 and LayerNorm at 1, where a swapped bias or LayerNorm mapping would hide), saved
+with ``save_pretrained``, imported into a twin with ``weight_conversion.hf_gpt2`` (``hf_llama``), and
+both are run on the same token ids.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 
 import numpy as np
@@ -36,12 +39,33 @@ def hf_config(n_layers: int = 2, attn_implementation: str = "eager", **overrides
     return config
 
 
+# Llama: odd sizes, so that no two dimensions coincide and a swapped one fails on shape or values.
+LLAMA_VOCAB, LLAMA_POSITIONS, LLAMA_WIDTH, LLAMA_HEADS, LLAMA_HIDDEN = 97, 24, 36, 6, 58
+
+
+def llama_config(n_kv_heads: int, n_layers: int = 2, attn_implementation: str = "eager", **overrides):
+    """A random small LlamaConfig: head size 6, rms_norm_eps 1e-5 and rope_theta 5000 (neither
+    LlamaConfig's default, so a default quietly used instead of the file's value shows)."""
+    from transformers import LlamaConfig
+
+    fields = dict(
+        vocab_size=LLAMA_VOCAB, max_position_embeddings=LLAMA_POSITIONS, hidden_size=LLAMA_WIDTH,
+        intermediate_size=LLAMA_HIDDEN, num_hidden_layers=n_layers, num_attention_heads=LLAMA_HEADS,
+        num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5, rope_theta=5000.0, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    fields.update(overrides)
+    config = LlamaConfig(**fields)
+    config._attn_implementation = attn_implementation
+    return config
+
+
 def new_hf_model(config, seed: int = 0):
     import torch
-    from transformers import GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config).eval()
+    model = (LlamaForCausalLM if config.model_type == "llama" else GPT2LMHeadModel)(config).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():  # tied: wte and lm_head are one tensor, perturbed once
@@ -56,7 +80,7 @@ def hf_run(model, idx: np.ndarray) -> dict[str, np.ndarray]:
     it a 1-layer model would show only ``ln_f``, never ``blocks.0``)."""
     import torch
 
-    blocks = model.transformer.h
+    blocks = model.transformer.h if hasattr(model, "transformer") else model.model.layers  # GPT-2, Llama
     last = {}
     hook = blocks[-1].register_forward_hook(
         lambda module, args, out: last.update(h=out[0] if isinstance(out, tuple) else out)
@@ -111,8 +135,17 @@ def import_into(framework: str, directory: str, verify: bool = False, dtype: str
     return model
 
 
-def token_ids(batch: int, seq: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, VOCAB, (batch, seq)).astype(np.int64)
+def import_llama_into(framework: str, directory: str, verify: bool = False, **switches):
+    """A twin of the Llama in ``directory`` (``switches``: e.g. rope_layout="interleaved")."""
+    from weight_conversion.hf_llama import import_hf_llama, llama_config_from_dir
+
+    model = new_twin(framework, dataclasses.replace(llama_config_from_dir(directory), **switches))
+    import_hf_llama(model, directory, verify=verify)
+    return model
+
+
+def token_ids(batch: int, seq: int, seed: int = 0, vocab: int = VOCAB) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int64)
 
 
 def compare_logits(
@@ -163,3 +196,24 @@ def hf_gpt2_check(
 
 
 _SHORT = {"layer_norm_epsilon": "eps", "activation_function": "act"}  # for the table's model column
+
+
+def hf_llama_check(framework: str, n_kv_heads: int, rope_layout: str, seed: int = 0) -> Result:
+    """transformers -> twin: import a saved LlamaForCausalLM (2 layers, 6 heads of 6, n_kv_heads
+    key/value heads) into a twin of ``rope_layout``, compare logits (float32, CPU)."""
+    from transformers.utils import logging
+
+    hf = new_hf_model(llama_config(n_kv_heads), seed)
+    idx = token_ids(2, LLAMA_POSITIONS, seed, LLAMA_VOCAB)
+    logging.disable_progress_bar()
+    with matched_precision(), tempfile.TemporaryDirectory() as directory:
+        hf.save_pretrained(directory)
+        twin = import_llama_into(framework, directory, rope_layout=rope_layout)
+        reference, other = hf_run(hf, idx), twin_run(twin, idx)
+    return Result(
+        "hf_llama", [2, LLAMA_POSITIONS], "float32", "cpu" if framework == "torch" else None,
+        "cpu" if framework == "jax" else None, f"transformers->{framework} ({rope_layout} rope)",
+        *compare_logits(reference, other),
+        config={"model": f"llama kv={n_kv_heads}", "n_heads": LLAMA_HEADS, "n_kv_heads": n_kv_heads,
+                "rope_layout": rope_layout},
+    )  # fmt: skip

@@ -97,14 +97,14 @@ def converted_pair(cfg, dtype: str, direction: str, seed: int = 0):
 
 
 def _torch_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_gpt: bool):
-    from torch_impl.gpt import loss_fn
+    from torch_impl.gpt import model_loss
     from weight_conversion.torch_side import numpy_to_tensor, tensor_to_numpy
 
     model.eval()
     model.zero_grad(set_to_none=True)
     x = numpy_to_tensor(inputs)
     if is_gpt:
-        loss = loss_fn(model(x), numpy_to_tensor(cotangent_or_targets))
+        loss = model_loss(model, x, numpy_to_tensor(cotangent_or_targets))  # + an MoE's router losses
     else:
         x.requires_grad_(True)
         loss = (model(x) * numpy_to_tensor(cotangent_or_targets)).sum()
@@ -120,7 +120,7 @@ def _flax_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_
     import jax.numpy as jnp
     from flax import nnx
 
-    from jax_impl.gpt import loss_fn
+    from jax_impl.gpt import model_loss
     from weight_conversion.flax_side import flax_path
 
     model.eval()
@@ -129,7 +129,7 @@ def _flax_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_
 
     def loss_of(p, x):
         m = nnx.merge(graphdef, p, rest)
-        return loss_fn(m(x), other) if is_gpt else (m(x) * other).sum()
+        return model_loss(m, x, other) if is_gpt else (m(x) * other).sum()
 
     if is_gpt:
         g_params, g_x = jax.jit(jax.grad(loss_of))(params, x), None
@@ -145,12 +145,13 @@ def _flax_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_
     return grads
 
 
-def grad_check(model: str, dtype: str, direction: str, seed: int = 0) -> Result:
-    """Every parameter gradient (and, for the block, the input gradient) of both twins."""
+def grad_check(model: str, dtype: str, direction: str, seed: int = 0, gpt_cfg: GPTConfig = SMALL_GPT) -> Result:
+    """Every parameter gradient (and, for the block, the input gradient) of both twins; a GPT's
+    loss includes an MoE's router losses (``model_loss``)."""
     import jax
 
     is_gpt = model == "gpt"
-    cfg = SMALL_GPT if is_gpt else BlockConfig.lesson(4)
+    cfg = gpt_cfg if is_gpt else BlockConfig.lesson(4)
     with matched_precision(x64=dtype == "float64"):
         t, j = converted_pair(cfg, dtype, direction, seed)
         if is_gpt:
@@ -282,12 +283,13 @@ def _compare_weights(a: dict, b: dict) -> tuple[float, str | None, str | None]:
 
 
 def trajectory_check(
-    direction: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0, torch_device: str = "cpu", jax_device=None
-) -> tuple[Result, dict]:
+    direction: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0, torch_device: str = "cpu", jax_device=None,
+    cfg: GPTConfig = SMALL_GPT,
+) -> tuple[Result, dict]:  # fmt: skip
     """Both twins train ``tcfg.steps`` steps from one converted init: per-step loss relative
     difference and final parameters, both within TRAIN_TOLERANCE."""
     with matched_precision():
-        t, j = place(*converted_pair(SMALL_GPT, "float32", direction, seed), torch_device, jax_device)
+        t, j = place(*converted_pair(cfg, "float32", direction, seed), torch_device, jax_device)
         runs = {"torch": TorchRun(t, tcfg), "jax": FlaxRun(j, tcfg)}
         losses = {name: [run.step(s) for s in range(tcfg.steps)] for name, run in runs.items()}
         weights = {name: run.export()[0] for name, run in runs.items()}
@@ -300,14 +302,14 @@ def trajectory_check(
     result = Result(
         "train_step", [tcfg.batch_size, tcfg.seq_len], "float32", torch_device, _jax_name(jax_device), direction,
         w_err, _worst(rel), TRAIN_TOLERANCE, first is None, first, detail,
-        config={"model": "gpt", "steps": tcfg.steps, **dataclasses.asdict(SMALL_GPT)},
+        config={"model": "gpt", "steps": tcfg.steps, **dataclasses.asdict(cfg)},
     )  # fmt: skip
     return result, losses
 
 
 def resume_check(
     first: str, tcfg: TrainConfig = TRAJECTORY, seed: int = 0, path: str | None = None,
-    torch_device: str = "cpu", jax_device=None,
+    torch_device: str = "cpu", jax_device=None, cfg: GPTConfig = SMALL_GPT,
 ) -> Result:  # fmt: skip
     """Train half the steps in ``first``, save weights + AdamW state to one safetensors file, resume
     in the other framework for the rest; compare with an uninterrupted run in the second one."""
@@ -320,20 +322,20 @@ def resume_check(
     half = tcfg.steps // 2
     direction = f"{first}->{second}"
     with matched_precision(), tempfile.TemporaryDirectory() as tmp:
-        t, j = place(*converted_pair(SMALL_GPT, "float32", "torch->jax", seed), torch_device, jax_device)
-        t2, j2 = place(*converted_pair(SMALL_GPT, "float32", "torch->jax", seed), torch_device, jax_device)
+        t, j = place(*converted_pair(cfg, "float32", "torch->jax", seed), torch_device, jax_device)
+        t2, j2 = place(*converted_pair(cfg, "float32", "torch->jax", seed), torch_device, jax_device)
         a = _run(first, t if first == "torch" else j, tcfg)
         for s in range(half):
             a.step(s)
         ckpt = path or os.path.join(tmp, "resume.safetensors")
         weights, optim, step = a.export()
-        save_checkpoint(ckpt, SMALL_GPT, weights, optim, step, {"framework": first})
+        save_checkpoint(ckpt, cfg, weights, optim, step, {"framework": first})
         b = _run(second, t2 if second == "torch" else j2, tcfg)
-        weights, optim, meta = load_checkpoint(ckpt, SMALL_GPT)
+        weights, optim, meta = load_checkpoint(ckpt, cfg)
         b.load(weights, optim, meta["step"])
         resumed_losses = [b.step(s) for s in range(half, tcfg.steps)]
         resumed = b.export()[0]
-        tt, jj = place(*converted_pair(SMALL_GPT, "float32", "torch->jax", seed), torch_device, jax_device)
+        tt, jj = place(*converted_pair(cfg, "float32", "torch->jax", seed), torch_device, jax_device)
         straight = _run(second, tt if second == "torch" else jj, tcfg)
         straight_losses = [straight.step(s) for s in range(tcfg.steps)][half:]
         uninterrupted = straight.export()[0]

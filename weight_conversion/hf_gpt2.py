@@ -116,7 +116,7 @@ def gpt2_config_from_hf(hf_config: dict) -> GPTConfig:
 
 def gpt2_config_from_dir(directory: str | os.PathLike) -> GPTConfig:
     """``gpt2_config_from_hf`` of ``directory/config.json``."""
-    return gpt2_config_from_hf(_read_config(directory))
+    return gpt2_config_from_hf(read_config(directory))
 
 
 def hf_config_from_gpt(cfg: GPTConfig) -> dict:
@@ -139,13 +139,13 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
 # ------------------------------------------------------------------------------------------- read
 
 
-def _read_config(directory) -> dict:
+def read_config(directory) -> dict:
     path = os.path.join(os.fspath(directory), CONFIG_FILE)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise CheckpointError(f"no {CONFIG_FILE} in {os.fspath(directory)} (a transformers GPT-2 directory has one)") from None
+        raise CheckpointError(f"no {CONFIG_FILE} in {os.fspath(directory)} (a transformers model directory has one)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
@@ -159,7 +159,7 @@ def _is_causal_mask_buffer(key: str) -> bool:
     return len(parts) == 4 and parts[0] == "h" and parts[2] == "attn" and parts[3] in ("bias", "masked_bias")
 
 
-def _read_weights(directory: str) -> tuple[dict[str, np.ndarray], list[str]]:
+def read_weights(directory: str) -> tuple[dict[str, np.ndarray], list[str]]:
     single, index = os.path.join(directory, WEIGHTS_FILE), os.path.join(directory, INDEX_FILE)
     if os.path.exists(single) or not os.path.exists(index):
         return load_file(single)[0], []
@@ -181,22 +181,26 @@ def _read_weights(directory: str) -> tuple[dict[str, np.ndarray], list[str]]:
     return arrays, problems
 
 
-def read_hf_arrays(directory, cfg: GPTConfig) -> tuple[dict[str, np.ndarray], list[str]]:
-    """(arrays keyed without the "transformer." prefix, problems) from ``directory/model.safetensors``
-    or, where there is none, from the shards that ``model.safetensors.index.json`` lists."""
-    arrays, problems = _read_weights(os.fspath(directory))
+def read_hf_arrays(
+    directory, cfg, *, prefix: str = PREFIX, embedding: str = "wte.weight", ignore=_is_causal_mask_buffer
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(arrays keyed without ``prefix``, problems) from ``directory/model.safetensors`` or, where
+    there is none, from the shards that ``model.safetensors.index.json`` lists. Keys for which
+    ``ignore`` is true (constant buffers) are dropped; a tied head's saved copy must equal
+    ``embedding`` and is dropped too."""
+    arrays, problems = read_weights(os.fspath(directory))
     out = {}
     for key, array in arrays.items():
-        name = key.removeprefix(PREFIX)
+        name = key.removeprefix(prefix)
         if name in out:
-            problems.append(f"both {name!r} and {PREFIX + name!r} are present")
-        elif not _is_causal_mask_buffer(name):
+            problems.append(f"both {name!r} and {prefix + name!r} are present")
+        elif not ignore(name):
             out[name] = array
-    if cfg.tie_embeddings and "lm_head.weight" in out:  # tied: a copy of wte, if saved at all
+    if cfg.tie_embeddings and "lm_head.weight" in out:  # tied: a copy of the embedding, if saved at all
         head = out.pop("lm_head.weight")
-        wte = out.get("wte.weight")
+        wte = out.get(embedding)
         if wte is None or head.shape != wte.shape or not np.array_equal(head, wte):
-            problems.append("'lm_head.weight' differs from 'wte.weight' but the config ties them (tie_word_embeddings)")
+            problems.append(f"'lm_head.weight' differs from {embedding!r} but the config ties them (tie_word_embeddings)")
     return out, problems
 
 
@@ -260,6 +264,18 @@ def export_hf_gpt2(model, directory: str | os.PathLike, *, overwrite: bool = Fal
     from weight_conversion import export
     from twin_common.frameworks import model_dtype
 
+    directory, present = hf_directory_contents(directory, overwrite)
+    doc = {**hf_config_from_gpt(model.cfg), "dtype": model_dtype(model)}  # from_pretrained keeps this dtype
+    cfg_doc = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
+    arrays = to_hf(export(model), hf_gpt2_table(model.cfg))
+    arrays = {(k if k == "lm_head.weight" else PREFIX + k): v for k, v in arrays.items()}
+    write_hf_directory(directory, arrays, cfg_doc, present)
+
+
+def hf_directory_contents(directory: str | os.PathLike, overwrite: bool) -> tuple[str, list[str]]:
+    """(absolute path, names in it) of a folder an exporter may write: a path that is not a folder
+    is refused, and so is a folder that holds anything unless ``overwrite`` (ValueError). Called
+    before any conversion work, so a refusal costs nothing."""
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"{directory} exists and is not a directory")
@@ -268,10 +284,14 @@ def export_hf_gpt2(model, directory: str | os.PathLike, *, overwrite: bool = Fal
         shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
         raise ValueError(f"{directory} is not empty ({shown}); pass overwrite=True (scripts.export: --overwrite) "
                          f"to replace the model in it, or choose an empty folder")  # fmt: skip
-    doc = {**hf_config_from_gpt(model.cfg), "dtype": model_dtype(model)}  # from_pretrained keeps this dtype
-    cfg_doc = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
-    arrays = to_hf(export(model), hf_gpt2_table(model.cfg))
-    arrays = {(k if k == "lm_head.weight" else PREFIX + k): v for k, v in arrays.items()}
+    return directory, present
+
+
+def write_hf_directory(directory: str, arrays: dict, cfg_doc: bytes, present: list[str]) -> None:
+    """``directory/model.safetensors`` and ``directory/config.json`` (``directory, present``: from
+    hf_directory_contents). A new directory is built under a temporary name and renamed into place,
+    so it appears complete or not at all; into an existing one each file is replaced atomically,
+    weights first, and every other weights file in ``present`` is removed afterwards."""
     if os.path.isdir(directory):
         save_file(arrays, os.path.join(directory, WEIGHTS_FILE), {"format": "pt"})  # transformers needs "pt"
         write_atomic(os.path.join(directory, CONFIG_FILE), cfg_doc)

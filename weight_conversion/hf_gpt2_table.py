@@ -110,15 +110,16 @@ def hf_gpt2_table(cfg: GPTConfig) -> tuple[HFSpec, ...]:
     rows += [HFSpec("ln_f.weight", ("ln_f.weight",), SAME, (C,)), HFSpec("ln_f.bias", ("ln_f.bias",), SAME, (C,))]
     if not cfg.tie_embeddings:
         rows.append(HFSpec("lm_head.weight", ("lm_head.weight",), SAME, (V, C)))
-    _check_composes(rows, cfg)
+    check_composes(rows, cfg, "GPT-2")
     return tuple(rows)
 
 
-def _check_composes(rows, cfg: GPTConfig) -> None:
+def check_composes(rows, cfg: GPTConfig, what: str) -> None:
+    """Every twin key produced exactly once by ``rows``, with the shape the twin table expects."""
     produced = {key: shape for spec in rows for key, shape in zip(spec.twin_keys, spec.twin_shapes)}
     expected = {spec.torch_key: spec.torch_shape for spec in gpt_table(cfg)}
     if produced != expected or sum(len(s.twin_keys) for s in rows) != len(expected):
-        raise AssertionError("the GPT-2 table is out of date with the twin table")  # a bug here, not in the user's files
+        raise AssertionError(f"the {what} table is out of date with the twin table")  # a bug here, not in the user's files
 
 
 def to_twin(hf_arrays: Mapping[str, np.ndarray], table) -> dict[str, np.ndarray]:

@@ -70,10 +70,12 @@ def config_problems(cfg, shapes: dict[str, tuple[int, ...]], layout: str) -> lis
     held = f"{len(layers)} layer(s)" + (f" (numbered {min(layers)} to {max(layers)})" if layers else "")
     if cfg.n_layers != len(layers) or layers != set(range(len(layers))):
         problems.append(f"config {field('n_layer', 'n_layers')}={cfg.n_layers}, but the file holds {held}")
-    for key, fields, want in (
-        ("wte.weight", (field("vocab_size", "vocab_size"), field("n_embd", "d_model")), (cfg.vocab_size, cfg.d_model)),
-        ("wpe.weight", (field("n_positions", "block_size"), field("n_embd", "d_model")), (cfg.block_size, cfg.d_model)),
-    ):
+    sizes = [("wte.weight", (field("vocab_size", "vocab_size"), field("n_embd", "d_model")), (cfg.vocab_size, cfg.d_model))]
+    if cfg.pos == "learned":  # rotary positions (the Llama family) have no position table
+        sizes.append(
+            ("wpe.weight", (field("n_positions", "block_size"), field("n_embd", "d_model")), (cfg.block_size, cfg.d_model))
+        )
+    for key, fields, want in sizes:
         got = shapes.get(key)
         if got is None:
             problems.append(f"the file has no {key!r} (expected shape {want})")

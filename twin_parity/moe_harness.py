@@ -1,0 +1,399 @@
+"""Mixture-of-Experts parity, shared by parity_tests/test_moe.py and scripts.parity_report.
+
+The MoE preset (``GPTConfig.moe_tiny``: 4 SwiGLU experts, top-2) through the same checks as the
+dense twins: forward (the block at the lesson's (5, 8, 128), float32 / float64 / bfloat16, through
+``harness.forward_check``), routing equality (the experts each token chooses, identical in both
+twins except tokens whose routing margin the dtype cannot decide: counted), gradients and a
+20-step AdamW trajectory with the router losses in the loss, cross-framework resume, the KV cache
+and generation, all through the dense checks with the MoE config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from twin_parity import generate_harness as gh
+from twin_parity import harness as h
+from twin_parity import train_harness as th
+from twin_common import GPTConfig
+from twin_common.generation import compare_generations
+from twin_common.moe import compare_routing
+from twin_common.precision import matched_precision
+from twin_common.tolerances import tolerance_for
+
+# The lesson's (5, 8, 128) input through a MoE block: moe_tiny's block at width 128, experts of 96.
+MOE_BLOCK = dataclasses.replace(GPTConfig.moe_tiny().block_config(), d_model=128, block_size=8, mlp_hidden=96)
+# The GPT for gradients, training and resume: moe_tiny at block 16 and vocabulary 64 (cheap on CPU).
+MOE_GPT = dataclasses.replace(GPTConfig.moe_tiny(), vocab_size=64, block_size=16)
+# The GPT for the KV cache and generation: init_std 0.1 for logits of O(1) (peak 3.2; at normal(0,
+# 0.02) they are near-uniform and hide cache errors). generate_harness.CACHE_CFG's 0.2 gives this
+# model logits of peak 6.1, and float32 rounding at that size alone (relative 2.8e-6, measured)
+# reaches 1.7e-5 absolute, over the 1e-5 tolerance without any bug.
+MOE_CACHE = dataclasses.replace(GPTConfig.moe_tiny(), block_size=32, init_std=0.1)
+ROUTING_SHAPE = (64, 8, 128)  # 512 tokens: enough for the bfloat16 count of undecidable tokens to mean something
+
+
+def forward_check(dtype: str, direction: str) -> h.Result:
+    r = h.forward_check(MOE_BLOCK, dtype, direction)
+    r.config = {"model": "moe block", "n_experts": MOE_BLOCK.n_experts, "top_k": MOE_BLOCK.top_k}
+    return r
+
+
+def routing_check(dtype: str, direction: str = "torch->jax", cfg=MOE_BLOCK, shape=ROUTING_SHAPE) -> h.Result:
+    """The experts each token chooses in both twins (same weights, same input): every token whose
+    choice differs must be undecidable in ``dtype`` (twin_common.moe.compare_routing).
+    max_abs_err is the largest router-logit difference."""
+    ref, other, _ = h.forward_pair(cfg, dtype, direction, shape=shape)
+    a, b = ref["router_logits"], other["router_logits"]
+    counts = compare_routing(a, b, cfg.top_k, dtype)
+    err = float(np.max(np.abs(a - b)))
+    peak = float(np.max(np.abs(a)))
+    passed = counts["differ_decidable"] == 0
+    detail = None if passed else f"{counts['differ_decidable']} tokens chose other experts with a decidable margin"
+    return h.Result(
+        "routing", list(shape), dtype, "cpu", "cpu",
+        f"{direction}: {counts['differ']}/{counts['tokens']} differ, {counts['undecidable']} undecidable", err, err / peak if peak else 0.0,
+        tolerance_for(dtype).bound(a), passed, None if passed else "router", detail,
+        config={"model": "moe block", **counts},
+    )  # fmt: skip
+
+
+def grad_check(direction: str, dtype: str = "float32") -> h.Result:
+    r = th.grad_check("gpt", dtype, direction, gpt_cfg=MOE_GPT)
+    r.config["model"] = "moe"
+    return r
+
+
+def trajectory_check(direction: str) -> h.Result:
+    r, _ = th.trajectory_check(direction, cfg=MOE_GPT)
+    r.config["model"] = "moe"
+    return r
+
+
+def resume_check(first: str) -> h.Result:
+    r = th.resume_check(first, cfg=MOE_GPT)
+    r.config["model"] = "moe"
+    return r
+
+
+def kv_cache_check(framework: str, dtype: str = "float32") -> h.Result:
+    return gh.kv_cache_check(framework, dtype, base=MOE_CACHE)
+
+
+def generate_check(sampling_name: str, seed: int = 0) -> h.Result:
+    """Both twins generate from one converted MoE model (random weights, init_std 0.1): per-step
+    logits within the float32 tolerance and the same tokens, or a first difference explained by
+    an undecidable step (twin_common.generation.compare_generations); every sampled token inside
+    the float64 top-k / top-p set of its own twin's logits (generate_harness.outside_the_filters)."""
+    sampling = gh.SAMPLINGS[sampling_name]
+    with matched_precision():
+        t, j = th.converted_pair(MOE_CACHE, "float32", "torch->jax")
+        j.eval()
+        n = MOE_CACHE.block_size - max(len(p) for p in gh.GEN_PROMPTS)
+        a = gh._run("torch", t, gh.GEN_PROMPTS, n, sampling, seed)
+        b = gh._run("jax", j, gh.GEN_PROMPTS, n, sampling, seed)
+    report = compare_generations(a, b, sampling)
+    tol = tolerance_for("float32").atol
+    outside = {fw: gh.outside_the_filters(g, sampling) for fw, g in (("torch", a), ("jax", b))}
+    passed = (report["identical"] or report["explained"]) and report["max_logit_diff"] <= tol
+    passed = passed and not any(outside.values())
+    divergence = next((f"{fw} row {found[0]} token {found[1]} outside the top-k/top-p set"
+                       for fw, found in outside.items() if found), None if passed else "generation")  # fmt: skip
+    peak = float(np.max(np.abs(a.logits)))
+    return h.Result(
+        "generate", [len(gh.GEN_PROMPTS), n], "float32", "cpu", "cpu", f"torch<->jax {sampling_name}",
+        report["max_logit_diff"], report["max_logit_diff"] / peak, tol, passed, divergence,
+        config={"model": "moe", "tokens_identical": report["identical"], "steps": n},
+    )  # fmt: skip
+
+
+def checks(skip_training: bool = False) -> list:
+    """Every MoE check as (name, thunk), for the parity report."""
+    out = [(f"moe forward {d} {dt}", lambda d=d, dt=dt: forward_check(dt, d))
+           for dt in h.PARITY_DTYPES for d in h.DIRECTIONS]  # fmt: skip
+    out += [(f"moe routing {dt}", lambda dt=dt: routing_check(dt)) for dt in h.PARITY_DTYPES]
+    if not skip_training:
+        out += [(f"moe grad {d}", lambda d=d: grad_check(d)) for d in h.DIRECTIONS]
+        out += [(f"moe train_step {d}", lambda d=d: trajectory_check(d)) for d in h.DIRECTIONS]
+        out += [(f"moe resume {f}", lambda f=f: resume_check(f)) for f in ("torch", "jax")]
+        out += [(f"moe kv_cache {f}", lambda f=f: kv_cache_check(f)) for f in ("torch", "jax")]
+        out += [(f"moe generate {s}", lambda s=s: generate_check(s)) for s in gh.SAMPLINGS]
+    return out
+
+
+# ------------------------------------------------------------------------------ transformers' Mixtral
+
+# Odd sizes, so that no two dimensions coincide and a swapped one fails on shape or values.
+MIXTRAL_VOCAB, MIXTRAL_POSITIONS, MIXTRAL_WIDTH, MIXTRAL_HEADS, MIXTRAL_HIDDEN = 97, 24, 36, 6, 58
+
+
+def mixtral_config(n_experts: int = 5, top_k: int = 2, n_kv_heads: int = 2, n_layers: int = 2, **overrides):
+    """A random small MixtralConfig: rms_norm_eps 1e-5, rope_theta 5000 (not MixtralConfig's 1e6)."""
+    from transformers import MixtralConfig
+
+    fields = dict(
+        vocab_size=MIXTRAL_VOCAB, max_position_embeddings=MIXTRAL_POSITIONS, hidden_size=MIXTRAL_WIDTH,
+        intermediate_size=MIXTRAL_HIDDEN, num_hidden_layers=n_layers, num_attention_heads=MIXTRAL_HEADS,
+        num_key_value_heads=n_kv_heads, num_local_experts=n_experts, num_experts_per_tok=top_k,
+        rms_norm_eps=1e-5, rope_parameters={"rope_theta": 5000.0, "rope_type": "default"},
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    fields.update(overrides)
+    config = MixtralConfig(**fields)
+    config._attn_implementation = "eager"
+    # transformers 5 runs the experts through torch's grouped_mm by default, which refuses these odd
+    # sizes (its strides must be multiples of 16 bytes); "eager" is its per-expert loop
+    config._experts_implementation = "eager"
+    return config
+
+
+def new_mixtral(config, seed: int = 0):
+    """MixtralForCausalLM with every parameter perturbed by normal(0, 0.5) (its init leaves the
+    norms at 1; the large router perturbation spreads the router logits so that routing matters)."""
+    import torch
+    from transformers import MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 0.5 if "gate.weight" in name else h.PERTURB_STD
+            p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def mixtral_outputs(model, idx: np.ndarray) -> dict:
+    """transformers' logits, per-layer router logits and load_balancing_loss_func aux loss."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.from_numpy(idx), output_router_logits=True)
+    return {"logits": out.logits.numpy().astype(np.float64), "aux": float(out.aux_loss),
+            "router_logits": [r.numpy().astype(np.float64) for r in out.router_logits]}  # fmt: skip
+
+
+def twin_outputs(model, idx: np.ndarray) -> dict:
+    """A twin's logits, per-layer router logits and load-balancing loss (its router_losses)."""
+    cfg = model.cfg
+    if hasattr(model, "training") and not callable(getattr(model, "eval", None)):
+        raise TypeError("not a twin")
+    try:
+        import torch
+
+        is_torch = isinstance(model, torch.nn.Module)
+    except ImportError:
+        is_torch = False
+    if is_torch:
+        from torch_impl.moe import router_losses
+
+        with torch.no_grad():
+            logits, inter = model(torch.from_numpy(idx), return_intermediates=True)
+        to_np = lambda t: t.numpy().astype(np.float64)  # noqa: E731
+    else:
+        import jax.numpy as jnp
+
+        from jax_impl.moe import router_losses
+
+        logits, inter = model(jnp.asarray(idx, jnp.int32), return_intermediates=True)
+        to_np = lambda t: np.asarray(t).astype(np.float64)  # noqa: E731
+    routers = [inter[f"blocks.{i}.router_logits"] for i in range(cfg.n_layers)]
+    aux = float(router_losses(routers, cfg)[0])
+    return {"logits": to_np(logits), "aux": aux,
+            "router_logits": [to_np(r).reshape(-1, cfg.n_experts) for r in routers]}  # fmt: skip
+
+
+def hf_mixtral_pair(framework: str, seed: int = 0, verify: bool = True, **config_overrides):
+    """(transformers outputs, twin outputs, twin): a random Mixtral saved with save_pretrained,
+    imported into a twin with verify, both run on the same (2, 24) token ids."""
+    import tempfile
+
+    from transformers.utils import logging
+
+    from weight_conversion.hf_mixtral import import_hf_mixtral, mixtral_config_from_dir
+
+    hf = new_mixtral(mixtral_config(**config_overrides), seed)
+    idx = np.random.default_rng(seed).integers(0, MIXTRAL_VOCAB, (2, MIXTRAL_POSITIONS)).astype(np.int64)
+    logging.disable_progress_bar()
+    with matched_precision(), tempfile.TemporaryDirectory() as directory:
+        hf.save_pretrained(directory)
+        cfg = mixtral_config_from_dir(directory)
+        twin = th.new_torch_gpt(cfg, "float32", 0) if framework == "torch" else th.new_flax_gpt(cfg, "float32", 0)
+        import_hf_mixtral(twin, directory, verify=verify)
+        if framework == "jax":
+            twin.eval()
+        return mixtral_outputs(hf, idx), twin_outputs(twin, idx), twin
+
+
+def hf_mixtral_check(framework: str, seed: int = 0, **config_overrides) -> h.Result:
+    """transformers -> twin, float32: logits (<= 1e-5), router logits (<= 1e-5), the top-k
+    choices of every token (identical, but for undecidable tokens) and the aux loss (<= 1e-6
+    relative, both float32 means of the same counts)."""
+    ref, got, twin = hf_mixtral_pair(framework, seed, **config_overrides)
+    tol = tolerance_for("float32").atol
+    err = float(np.max(np.abs(ref["logits"] - got["logits"])))
+    router_err = max(float(np.max(np.abs(a - b))) for a, b in zip(ref["router_logits"], got["router_logits"]))
+    counts = [compare_routing(a, b, twin.cfg.top_k, "float32") for a, b in zip(ref["router_logits"], got["router_logits"])]
+    differ = sum(c["differ_decidable"] for c in counts)
+    aux_rel = abs(ref["aux"] - got["aux"]) / abs(ref["aux"])
+    problems = [name for name, bad in (("logits", not err <= tol), ("router_logits", not router_err <= tol),
+                                       ("routing", differ > 0), ("aux_loss", not aux_rel <= 1e-6)) if bad]  # fmt: skip
+    peak = float(np.max(np.abs(ref["logits"])))
+    return h.Result(
+        "hf_mixtral", [2, MIXTRAL_POSITIONS], "float32", "cpu" if framework == "torch" else None,
+        "cpu" if framework == "jax" else None, f"transformers->{framework}", err, err / peak, tol,
+        not problems, problems[0] if problems else None,
+        f"router logits {router_err:.1e}, aux loss relative {aux_rel:.1e}, {differ} tokens routed otherwise"
+        if problems else None,
+        config={"model": f"mixtral E={twin.cfg.n_experts} k={twin.cfg.top_k}", "router_logits_err": router_err,
+                "aux_rel_err": aux_rel, "undecidable": sum(c["undecidable"] for c in counts)},
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ expert parallelism
+
+SHARDED_MESHES = ((1, 2), (2, 2))  # (data, model); moe_tiny's 4 experts and 2 key/value heads split by 2
+
+
+def jax_sharded_rows() -> list[h.Result]:
+    """JAX on (data, model) meshes of simulated CPU devices against one device, in this process
+    (which must have started with XLA_FLAGS=--xla_force_host_platform_device_count >= 4): the
+    forward logits and 5 AdamW steps' losses. The experts split over ``model`` (whole experts per
+    device, the table's EXPERTS rows); GSPMD adds their partial outputs with one all-reduce."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_impl import sharding as S
+    from jax_impl.gpt import GPT
+    from jax_impl.train import Trainer
+    from twin_common.mesh import MeshShape
+
+    cfg, tcfg, steps = MOE_GPT, th.TRAJECTORY, 5
+    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(steps)]
+    x = jnp.asarray(batches[0][0], jnp.int32)
+    rows = []
+    with matched_precision():
+        ref = np.asarray(GPT(cfg, rngs=nnx.Rngs(0))(x))
+        one = Trainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg)
+        ref_losses = [float(one.step(*b)[0]) for b in batches]
+        for mesh in SHARDED_MESHES:
+            m = S.make_mesh(MeshShape(*mesh))
+            forward, params, rest = S.make_forward(GPT(cfg, rngs=nnx.Rngs(0)), m)
+            err = float(np.max(np.abs(np.asarray(forward(params, rest, x)) - ref)))
+            trainer = S.ShardedTrainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg, m)
+            losses = [float(trainer.step(*b)[0]) for b in batches]
+            rel = max(abs(a - b) / abs(a) for a, b in zip(ref_losses, losses))
+            spec = str(trainer.params["blocks"][0]["mlp"]["experts"]["gate_proj"].sharding.spec)
+            for check, e in (("sharded_forward", err), ("sharded_train_step", rel)):
+                rows.append(h.Result(
+                    check, [tcfg.batch_size, tcfg.seq_len], "float32", None, "cpu", f"jax:1 device->jax:{mesh[0]}x{mesh[1]}",
+                    e, e, th.TRAIN_TOLERANCE, e <= th.TRAIN_TOLERANCE, None if e <= th.TRAIN_TOLERANCE else check,
+                    config={"model": "moe", "experts_spec": spec, "steps": steps},
+                ))  # fmt: skip
+    return rows
+
+
+def run_jax_sharded(timeout: float = 600) -> list[dict]:
+    """jax_sharded_rows in a subprocess with 4 simulated CPU devices; the rows as dicts."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "twin_parity.moe_harness", "jax-sharded"], env=env, cwd=repo,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if proc.returncode:
+        raise RuntimeError(f"the sharded MoE worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _torch_ep_rank(rank: int, world: int, port: int, out: str, mesh: tuple[int, int]) -> None:
+    """One gloo process of the torch expert-parallel run: logits and 5 AdamW steps' losses of
+    MOE_GPT on ``mesh`` (data, model), written by rank 0 with the experts' placements."""
+    import json
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # what torchrun sets  # fmt: skip
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # FSDP2's hooks, harmless here
+    import torch
+
+    from torch_impl import sharding as S
+    from torch_impl.gpt import GPT
+    from twin_common.mesh import MeshShape
+
+    torch.set_num_threads(1)
+    cfg, tcfg = MOE_GPT, th.TRAJECTORY
+    device_mesh = S.init_distributed(MeshShape(*mesh), cfg, batch_size=tcfg.batch_size, timeout_s=60)
+    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(5)]
+    torch.manual_seed(0)
+    model = S.shard_model(GPT(cfg), device_mesh).eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(S.local_rows(batches[0][0], device_mesh))).numpy()
+    torch.manual_seed(0)
+    trainer = S.ShardedTrainer(GPT(cfg), tcfg, device_mesh)
+    losses = [float(trainer.step(*b)[0]) for b in batches]
+    placement = str(trainer.model.blocks[0].mlp.experts.gate_proj.placements)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"logits": logits.tolist(), "losses": losses, "placement": placement}, f)
+    torch.distributed.destroy_process_group()
+
+
+def torch_sharded_rows(mesh: tuple[int, int] = (1, 2)) -> list[h.Result]:
+    """torch on ``mesh`` (gloo processes, forked) against one device in this process: the forward
+    logits of rank 0's rows and 5 AdamW steps' losses, the experts split over ``model``."""
+    import json
+    import os
+    import socket
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from torch_impl.gpt import GPT
+    from torch_impl.train import Trainer
+
+    cfg, tcfg = MOE_GPT, th.TRAJECTORY
+    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(5)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank0.json")
+        mp.start_processes(_torch_ep_rank, args=(mesh[0] * mesh[1], port, out, mesh), nprocs=mesh[0] * mesh[1],
+                           start_method="fork")  # fmt: skip
+        with open(out) as f:
+            doc = json.load(f)
+    with matched_precision():
+        torch.manual_seed(0)
+        model = GPT(cfg).eval()
+        with torch.no_grad():
+            ref = model(torch.from_numpy(batches[0][0][: batches[0][0].shape[0] // mesh[0]])).numpy()
+        torch.manual_seed(0)
+        one = Trainer(GPT(cfg), tcfg)
+        ref_losses = [float(one.step(*b)[0]) for b in batches]
+    err = float(np.max(np.abs(np.asarray(doc["logits"]) - ref)))
+    rel = max(abs(a - b) / abs(a) for a, b in zip(ref_losses, doc["losses"]))
+    return [
+        h.Result(check, [tcfg.batch_size, tcfg.seq_len], "float32", "cpu", None, f"torch:1 device->torch:{mesh[0]}x{mesh[1]}",
+                 e, e, th.TRAIN_TOLERANCE, e <= th.TRAIN_TOLERANCE, None if e <= th.TRAIN_TOLERANCE else check,
+                 config={"model": "moe", "experts_placement": doc["placement"], "steps": 5})  # fmt: skip
+        for check, e in (("sharded_forward", err), ("sharded_train_step", rel))
+    ]
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if sys.argv[1:] != ["jax-sharded"]:
+        sys.exit("usage: python -m twin_parity.moe_harness jax-sharded")
+    print(json.dumps([r.to_json() for r in jax_sharded_rows()]))
