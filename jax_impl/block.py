@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_impl.layers import linear
+from jax_impl.moe import MoE
 from twin_common import BlockConfig, check_block_input
 
 INTERMEDIATES = ("ln_1", "attn", "resid_1", "ln_2", "mlp", "out")  # in the order they are computed
@@ -42,24 +44,6 @@ def fused_attention(cfg: BlockConfig, q, k, v, mask, scale: float) -> jax.Array:
 
 def dtype_name(dtype) -> str:
     return jnp.dtype(dtype).name
-
-
-def linear(
-    d_in: int, d_out: int, cfg: BlockConfig, bias: bool, *, param_dtype, rngs: nnx.Rngs
-) -> nnx.Linear:
-    """nnx.Linear with the project's init pinned: normal(0, init_std) kernel, zero bias.
-
-    Flax's default is lecun-normal kernel and zero bias; torch's is kaiming-uniform for weight *and*
-    bias. Neither is used. The kernel is stored (in, out); torch stores its weight (out, in).
-    """
-    return nnx.Linear(
-        d_in, d_out,
-        use_bias=bias,
-        kernel_init=nnx.initializers.normal(stddev=cfg.init_std),
-        bias_init=nnx.initializers.zeros_init(),
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
 
 
 def layer_norm(cfg: BlockConfig, *, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -273,8 +257,6 @@ class Block(nnx.Module):
         self.attn = CausalSelfAttention(cfg, param_dtype=param_dtype, rngs=rngs)
         self.ln_2 = norm(cfg, param_dtype=param_dtype, rngs=rngs)
         if cfg.mlp == "moe":
-            from jax_impl.moe import MoE  # moe.py builds on this module's linear()
-
             self.mlp = MoE(cfg, param_dtype=param_dtype, rngs=rngs)
         else:
             self.mlp = (MLP if cfg.mlp == "gelu" else SwiGLU)(cfg, param_dtype=param_dtype, rngs=rngs)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_impl.layers import linear
 from twin_common import BlockConfig
 from twin_common.moe import capacity
 
@@ -96,8 +97,6 @@ class MoE(nnx.Module):
     """The routed MLP: router, then the weighted sum of the chosen experts' outputs."""
 
     def __init__(self, cfg: BlockConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        from jax_impl.block import linear  # block.py builds MoE: imported here, not at the top
-
         self.cfg = cfg
         self.router = linear(cfg.d_model, cfg.n_experts, cfg, False, param_dtype=param_dtype, rngs=rngs)  # kernel (C, E)
         self.experts = Experts(cfg, param_dtype=param_dtype, rngs=rngs)

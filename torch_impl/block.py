@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from torch_impl.layers import linear
+from torch_impl.moe import MoE
 from twin_common import BlockConfig, check_block_input
 
 INTERMEDIATES = ("ln_1", "attn", "resid_1", "ln_2", "mlp", "out")  # in the order they are computed
@@ -26,19 +28,6 @@ INTERMEDIATES = ("ln_1", "attn", "resid_1", "ln_2", "mlp", "out")  # in the orde
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def linear(d_in: int, d_out: int, cfg: BlockConfig, bias: bool) -> nn.Linear:
-    """nn.Linear with the project's init pinned: normal(0, init_std) weight, zero bias.
-
-    torch's default is kaiming-uniform for weight *and* bias; Flax's is lecun-normal kernel and zero
-    bias. Neither is used. The weight is stored (out, in); Flax stores its kernel (in, out).
-    """
-    layer = nn.Linear(d_in, d_out, bias=bias)
-    nn.init.normal_(layer.weight, mean=0.0, std=cfg.init_std)
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
-    return layer
 
 
 def layer_norm(cfg: BlockConfig) -> nn.LayerNorm:
@@ -259,8 +248,6 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = norm(cfg)
         if cfg.mlp == "moe":
-            from torch_impl.moe import MoE  # moe.py builds on this module's linear()
-
             self.mlp = MoE(cfg)
         else:
             self.mlp = (MLP if cfg.mlp == "gelu" else SwiGLU)(cfg)

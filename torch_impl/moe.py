@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_impl.layers import linear
 from twin_common import BlockConfig
 from twin_common.moe import capacity
 
@@ -104,8 +105,6 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: BlockConfig):
         super().__init__()
-        from torch_impl.block import linear  # block.py builds MoE: imported here, not at the top
-
         self.cfg = cfg
         self.router = linear(cfg.d_model, cfg.n_experts, cfg, False)  # weight (E, C), Mixtral's gate
         self.experts = Experts(cfg)
