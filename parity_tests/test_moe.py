@@ -1,7 +1,7 @@
 """Mixture-of-Experts twins (``mlp="moe"``): twin against twin, each twin against the float64 NumPy
 MoE (twin_common/moe.py: a stable sort and a gather dispatch, unlike the twins' ranks and
 dense-masked einsum), the tie rule, the capacity drop order, the router losses, the config checks,
-and training, resume, KV cache and generation through the dense checks (parity_tests/moe_harness.py).
+and training, resume, KV cache and generation through the dense checks (twin_parity/moe_harness.py).
 """
 
 from __future__ import annotations

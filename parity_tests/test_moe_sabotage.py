@@ -1,6 +1,6 @@
 """Each MoE pitfall planted in the torch twin must be seen by the check that guards it: the twin
 comparison (1e-5 in float32), the routing comparison, or the float64 router losses. If one of these
-passes with the trap in, the MoE checks have gone blind (parity_tests/moe_pitfalls.py plants them)."""
+passes with the trap in, the MoE checks have gone blind (twin_parity/pitfalls/moe.py plants them)."""
 
 from __future__ import annotations
 

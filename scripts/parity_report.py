@@ -121,7 +121,7 @@ def hf_plan(dtypes):
 
 
 def moe_plan(dtypes, skip_training: bool):
-    """Rows for the Mixture-of-Experts preset (parity_tests/moe_harness.py): forward and routing in
+    """Rows for the Mixture-of-Experts preset (twin_parity/moe_harness.py): forward and routing in
     each dtype; unless --skip-training, gradients, AdamW, resume, KV cache, generate and transformers'
     Mixtral. Its sharded rows (expert parallelism) come with the other sharded rows (moe_sharded_plan)."""
     from twin_parity import moe_harness as mh
