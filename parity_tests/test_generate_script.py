@@ -161,3 +161,38 @@ def test_a_gpt2_directory_is_verified_by_default(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "blocks.0.attn" in err, err
     assert G.main([*argv, "--no-verify"]) == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_a_llama_or_mixtral_directory(tmp_path, capsys, family):
+    """scripts.generate reads a transformers Llama or Mixtral folder by its model_type (grouped-query
+    attention and rotary positions; routed experts), verifies it against the float64 NumPy model,
+    and both twins continue the prompt with the same greedy tokens. A config.json that claims a
+    billion layers beside a 1-layer file is refused from the headers, before any model is built."""
+    import json
+
+    pytest.importorskip("transformers")
+    from twin_parity import hf_harness as hh
+    from twin_parity import moe_harness as mh
+
+    if family == "llama":
+        hf = hh.new_hf_model(hh.llama_config(2, n_layers=1))
+    else:
+        hf = mh.new_mixtral(mh.mixtral_config(n_layers=1), 0)
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == family
+    with matched_precision():
+        code = G.main(["--framework", "compare", "--checkpoint", str(tmp_path), "--prompt-ids", "5,6,7",
+                       "--max-new-tokens", "6", "--temperature", "0"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "identical: yes" in out, out
+    doc = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**doc, "num_hidden_layers": 10**9}))
+    code = G.main(["--framework", "torch", "--checkpoint", str(tmp_path), "--prompt-ids", "5,6,7"])
+    err = capsys.readouterr().err
+    assert code == 2 and "num_hidden_layers=1000000000, but the file holds 1 layer(s)" in err, err
+    (tmp_path / "config.json").write_text(json.dumps({**doc, "model_type": "qwen2"}))
+    code = G.main(["--framework", "torch", "--checkpoint", str(tmp_path), "--prompt-ids", "5,6,7"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model_type is 'qwen2'" in err and "gpt2, llama, mixtral" in err, err

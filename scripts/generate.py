@@ -6,9 +6,10 @@
     python -m scripts.generate --framework jax --checkpoint gpt2-dir --prompt-ids 464,3797 --temperature 0
 
 --checkpoint is a run folder of scripts.train (its latest.json), a project safetensors file
-(weight_conversion.save or a training checkpoint), or a transformers GPT-2 directory (config.json +
-model.safetensors). The project's 256-token models read the prompt as UTF-8 bytes; a GPT-2
-directory uses its own tokenizer files through transformers when they are there, otherwise give
+(weight_conversion.save or a training checkpoint), or a transformers GPT-2, Llama or Mixtral
+directory (config.json + model.safetensors; its model_type says which). The project's 256-token
+models read the prompt as UTF-8 bytes; a transformers directory uses its own tokenizer files
+through transformers when they are there, otherwise give
 --prompt-ids; without a tokenizer the output is ids, the prompt's and the new ones apart:
 "464 3797 | 11 262 ...". Several --prompt (or --prompt-ids) make one left-padded batch.
 
@@ -20,6 +21,7 @@ largest per-step logit difference. Progress and tokens/s go to stderr.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -39,25 +41,52 @@ class UsageError(Exception):
 # ------------------------------------------------------------------------------------ checkpoints
 
 
-def _is_gpt2_dir(path: str) -> bool:
+def _is_hf_dir(path: str) -> bool:
     return os.path.isdir(path) and all(
         os.path.exists(os.path.join(path, n)) for n in ("config.json", "model.safetensors")
     ) or all(os.path.exists(os.path.join(path, n)) for n in ("config.json", "model.safetensors.index.json"))
 
 
-def _hf_gpt2():
+# transformers model_type -> (the converter module, its config reader, its importer)
+HF_FAMILIES = {
+    "gpt2": ("hf_gpt2", "gpt2_config_from_dir", "import_hf_gpt2"),
+    "llama": ("hf_llama", "llama_config_from_dir", "import_hf_llama"),
+    "mixtral": ("hf_mixtral", "mixtral_config_from_dir", "import_hf_mixtral"),
+}
+
+
+def _hf(family: str):
+    module = HF_FAMILIES[family][0]
     try:
-        from weight_conversion import hf_gpt2
+        return importlib.import_module(f"weight_conversion.{module}")
     except ImportError:
-        raise UsageError("reading a transformers GPT-2 directory needs weight_conversion.hf_gpt2, "
-                         "which this installation does not have") from None  # fmt: skip
-    return hf_gpt2
+        raise UsageError(f"reading a transformers {family} directory needs weight_conversion.{module}, "
+                         f"which this installation does not have") from None  # fmt: skip
+
+
+def _hf_family(path: str) -> str:
+    """The family of a transformers directory, from its config.json's model_type (GPT-2's files
+    written before model_type existed have none: GPT-2)."""
+    from weight_conversion.hf_gpt2 import read_config
+
+    try:
+        doc = read_config(path)
+    except ValueError as e:  # unreadable JSON
+        raise UsageError(str(e)) from None
+    family = doc.get("model_type", "gpt2") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict):
+        raise UsageError(f"{path}: config.json holds {type(doc).__name__}, not a JSON object")
+    if family not in HF_FAMILIES:
+        raise UsageError(f"{path}: config.json's model_type is {family!r}; transformers directories this "
+                         f"command reads: {', '.join(HF_FAMILIES)}")  # fmt: skip
+    return family
 
 
 def resolve(path: str) -> tuple[str, str]:
-    """(kind, file or folder): kind is "gpt2", "train" (training checkpoint) or "weights"."""
-    if _is_gpt2_dir(path):
-        return "gpt2", path
+    """(kind, file or folder): kind is a transformers family ("gpt2", "llama", "mixtral"), "train"
+    (a training checkpoint) or "weights"."""
+    if _is_hf_dir(path):
+        return _hf_family(path), path
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "latest.json")):
             raise UsageError(f"{path} is neither a run folder (no latest.json) nor a GPT-2 directory "
@@ -78,8 +107,8 @@ def resolve(path: str) -> tuple[str, str]:
 
 
 def load_config(kind: str, path: str) -> GPTConfig:
-    if kind == "gpt2":
-        return _hf_gpt2().gpt2_config_from_dir(path)
+    if kind in HF_FAMILIES:
+        return getattr(_hf(kind), HF_FAMILIES[kind][1])(path)
     from weight_conversion.safetensors_io import load_file
 
     _, metadata = load_file(path)
@@ -108,8 +137,8 @@ def load_model(framework: str, kind: str, path: str, cfg: GPTConfig, verify: boo
         model = GPT(cfg, rngs=nnx.Rngs(0))
     import weight_conversion as wc
 
-    if kind == "gpt2":
-        _hf_gpt2().import_hf_gpt2(model, path, verify=verify)
+    if kind in HF_FAMILIES:
+        getattr(_hf(kind), HF_FAMILIES[kind][2])(model, path, verify=verify)
     elif kind == "train":
         from weight_conversion.checkpoint import load_checkpoint
 
@@ -129,7 +158,7 @@ class Tokenizer:
 
     def __init__(self, kind: str, path: str, cfg: GPTConfig):
         self.hf = None
-        if kind == "gpt2":
+        if kind in HF_FAMILIES:
             folder = path
             has_files = os.path.exists(os.path.join(folder, "tokenizer.json")) or all(
                 os.path.exists(os.path.join(folder, n)) for n in ("vocab.json", "merges.txt")
@@ -138,7 +167,7 @@ class Tokenizer:
                 from transformers import AutoTokenizer
 
                 self.hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.bytes = kind != "gpt2" and cfg.vocab_size == 256
+        self.bytes = kind not in HF_FAMILIES and cfg.vocab_size == 256
 
     def encode(self, text: str) -> list[int]:
         if self.hf is not None:
@@ -231,7 +260,7 @@ def main(argv=None) -> int:
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
         kind, path = resolve(args.checkpoint)
         cfg = load_config(kind, path)
-        check_fits(cfg, "gpt2" if kind == "gpt2" else kind, path)  # the headers, before any allocation
+        check_fits(cfg, kind, path)  # the headers, before any allocation
         tok = Tokenizer(kind, path, cfg)
         prompts = [tok.encode(p) for p in args.prompt] + [parse_ids(p) for p in args.prompt_ids]
         if not prompts:
