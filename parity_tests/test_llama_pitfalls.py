@@ -20,7 +20,7 @@ import torch_impl.block as tb
 import torch_impl.gpt as tg
 from twin_parity import generate_harness as gh
 from twin_parity import harness as h
-from parity_tests.llama_pitfalls import LLAMA_PITFALLS
+from twin_parity.pitfalls.llama import LLAMA_PITFALLS
 from twin_common import GPTConfig
 from twin_common.tolerances import TOLERANCES
 
