@@ -245,7 +245,8 @@ class SwiGLU(nnx.Module):
         self.dropout = nnx.Dropout(cfg.resid_dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.dropout(self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)))  # (B, T, H) inside
+        # (B, T, H) inside, H = d_hidden
+        return self.dropout(self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class Block(nnx.Module):

@@ -40,11 +40,15 @@ def test_the_check_notices_a_changed_source(monkeypatch):
     assert any("layer_norm" in p for p in problems), problems
 
 
-def test_every_pitfall_has_a_measured_row():
-    from twin_parity.pitfalls import PITFALLS
+@pytest.mark.parametrize("family", ["", "llama"])
+def test_every_pitfall_has_a_measured_row(family):
+    from twin_parity import pitfalls
+    from twin_parity.pitfalls import llama
 
+    PITFALLS = llama.LLAMA_PITFALLS if family else pitfalls.PITFALLS  # noqa: N806
+    key = "pitfalls" + (f": {family}" if family else "")
     committed = _committed()
-    section = re.search(r"<!-- BEGIN pitfalls -->\n(.*?)\n<!-- END pitfalls -->", committed, re.S)
+    section = re.search(rf"<!-- BEGIN {key} -->\n(.*?)\n<!-- END {key} -->", committed, re.S)
     assert section, "the guide has no pitfall list"
     items = section.group(1).splitlines()
     assert len(items) == len(PITFALLS)

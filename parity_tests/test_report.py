@@ -35,12 +35,13 @@ def test_report_runs_the_flax_checks_without_torch(tmp_path):
     assert ran == {("golden", "golden->jax"), ("defaults", "golden->jax (current default config)"),
                    ("kv_cache", "jax: cached vs uncached")}  # fmt: skip
     skipped = {s["check"] for s in doc["skipped"]}
-    # the torch twin's golden, defaults and kv_cache rows, every row that needs both twins (MoE
-    # routing too), and the float64 transformers rows (transformers' model is torch)
+    # the torch twin's golden, defaults and kv_cache rows, every row that needs both twins (the
+    # Llama block's two float64 forward rows and MoE routing too), and the float64 transformers rows
+    # (transformers' model is torch); hf_llama rows are float32 only, so none are planned here
     assert skipped == {"forward", "attn_fused_vs_math", "golden", "defaults", "roundtrip", "kv_cache", "hf_gpt2",
                        "routing"}  # fmt: skip
     assert all("torch is not installed" in s["reason"] for s in doc["skipped"])
-    assert "3 passed, 0 failed, 16 skipped" in proc.stdout and "torch is not installed" in proc.stdout
+    assert "3 passed, 0 failed, 18 skipped" in proc.stdout and "torch is not installed" in proc.stdout
 
 
 @pytest.mark.skipif(not HAVE_JAX, reason="jax/flax are not installed")
@@ -64,7 +65,8 @@ def test_a_raising_check_is_a_failed_row_and_the_rest_still_runs(monkeypatch, tm
     real = h.forward_check
 
     def raising(cfg, dtype, direction, *args, **kwargs):
-        if direction == "jax->torch" and cfg.mlp != "moe":  # the MoE rows go through forward_check too
+        # the lesson block's row only: the Llama and MoE rows go through forward_check too
+        if direction == "jax->torch" and cfg.mlp == "gelu":
             raise ConversionError(["attn.q_proj.weight: shape (4, 4), expected (128, 128)"])
         return real(cfg, dtype, direction, *args, **kwargs)
 
@@ -143,6 +145,10 @@ def test_skip_training_help_names_the_checks_it_leaves_out_and_those_it_runs(cap
     dtypes = ["float32", "float64", "bfloat16"]
     training = {p.check for p in pr.training_plan(dtypes)}
     others = {p.check for p in pr.plan(dtypes, [4], ["cpu"], {"cpu": None})} | {p.check for p in pr.hf_plan(dtypes)}
+    others |= {p.check for p in pr.llama_plan(dtypes, skip_training=True)}
+    assert "hf_llama" in others
+    # --skip-training leaves out the Llama rows that train and keeps the rest
+    assert {p.check for p in pr.llama_plan(dtypes, skip_training=False)} - others == {"grad", "train_step"}
     assert training == set(pr.TRAINING_CHECKS)
     assert all(name in left_out for name in training) and "sharded" in left_out
     assert all(name in still_run for name in others), (others, still_run)

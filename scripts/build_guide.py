@@ -11,6 +11,7 @@ Directives in the template (HTML comments, so the template renders too):
                                                          jax_impl/block.py, side by side
     <!-- code: twin_common.config:BlockConfig -->        one object from one module
     <!-- pitfalls -->                                    the measured pitfall table
+    <!-- pitfalls: llama -->                             the same for twin_parity/pitfalls/llama.py
     <!-- built-on -->                                    machine and versions of the last full build
 Generated text sits between <!-- BEGIN ... --> and <!-- END ... --> markers in the output.
 """
@@ -128,9 +129,10 @@ def _fmt(value) -> str:
     return "0" if value == 0 else f"{value:.2e}"
 
 
-def render_pitfalls() -> str:
-    from twin_parity.pitfalls import measure_all
-
+def render_pitfalls(family: str = "") -> str:
+    """The measured list of ``twin_parity.pitfalls`` (or of its module ``family``, e.g. "llama")."""
+    module = importlib.import_module("twin_parity.pitfalls" + (f".{family}" if family else ""))
+    measure_all = module.measure_all
     # One list item per pitfall, not a six-column table: the table needed 1118 px, a page has ~900.
     items = []
     for p, m in measure_all():
@@ -179,7 +181,7 @@ def build(measure: bool, previous: str = "") -> str:
         elif kind == "code":
             body = render_code(arg)
         elif measure:
-            body = render_pitfalls() if kind == "pitfalls" else render_built_on()
+            body = render_pitfalls(arg) if kind == "pitfalls" else render_built_on()
         else:
             body = old.get(key, "(not measured yet: run python -m scripts.build_guide)")
         out.append(f"<!-- BEGIN {key} -->\n{body}\n<!-- END {key} -->")
@@ -189,11 +191,16 @@ def build(measure: bool, previous: str = "") -> str:
 MEASURED = ("pitfalls", "built-on")  # blocks whose numbers depend on the machine that measured them
 
 
+def is_measured(key: str) -> bool:
+    """``pitfalls``, ``pitfalls: llama``, ``built-on``: a measured block, by its directive."""
+    return key.split(":")[0] in MEASURED
+
+
 def stale_measured(committed: str, fresh: str) -> list[str]:
     """Measured blocks whose text differs between ``committed`` and a fresh measurement, line by line."""
     a, b = _existing_blocks(committed), _existing_blocks(fresh)
     problems = []
-    for name in MEASURED:
+    for name in [k for k in {**a, **b} if is_measured(k)]:
         old, new = a.get(name, "").splitlines(), b.get(name, "").splitlines()
         for n in range(max(len(old), len(new))):
             x, y = (old[n] if n < len(old) else ""), (new[n] if n < len(new) else "")
@@ -205,7 +212,7 @@ def stale_measured(committed: str, fresh: str) -> list[str]:
 
 def stale_sections(committed: str, fresh: str) -> list[str]:
     a, b = _existing_blocks(committed), _existing_blocks(fresh)
-    names = [k for k in b if k not in MEASURED]
+    names = [k for k in b if not is_measured(k)]
     problems = [f"{k}: missing from docs/guide.md" for k in names if k not in a]
     problems += [f"{k}: differs from the source" for k in names if k in a and a[k] != b[k]]
     if not problems and committed != fresh:

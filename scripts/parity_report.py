@@ -24,6 +24,13 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
                       position of a left-padded batch, float32 and float64
   generate            torch vs JAX on a briefly trained GPT: per-step logits and the greedy and
                       sampled tokens (72 steps, same seed)
+  llama               the Llama preset (GPTConfig.llama_tiny's block: RMSNorm, rotary positions, 4
+                      query heads sharing 2 key/value heads, SwiGLU): its "llama" rows of forward
+                      (every dtype; both rope layouts in float32), grad and train_step are the dense
+                      checks run on the Llama config
+  hf_llama            transformers' LlamaForCausalLM imported into each twin: logits and every
+                      block's hidden state, grouped (2 kv heads) and multi-head, half-split and
+                      interleaved rope (float32; skipped where transformers is not installed)
   routing             the MoE preset (GPTConfig.moe_tiny's block): the experts each of 512 tokens
                       chooses, identical in both twins except tokens whose margin the dtype cannot
                       decide; its "moe" rows of forward, grad, train_step, resume, kv_cache, generate
@@ -120,6 +127,36 @@ def hf_plan(dtypes):
                           lambda f=fw, o=overrides: hh.hf_gpt2_check(f, 1, hh.POSITIONS, "eager", dtype="float64", **o))
 
 
+def llama_plan(dtypes, skip_training: bool):
+    """Rows for the Llama block (twin_parity/llama_harness.py: llama_tiny's RMSNorm, rotary positions,
+    grouped-query attention, SwiGLU): forward in each dtype (half-split rope; interleaved too in
+    float32); unless --skip-training, gradients and AdamW of the llama GPT; transformers'
+    LlamaForCausalLM against each twin (float32, grouped and multi-head, both rope layouts)."""
+    from twin_parity import hf_harness as hh
+    from twin_parity import llama_harness as lh
+
+    both = ("torch", "jax")
+    for dtype in dtypes:
+        for layout in lh.ROPE_LAYOUTS if dtype == "float32" else ("half",):
+            for direction in h.DIRECTIONS:
+                yield Planned(f"llama forward {direction} {dtype} rope={layout}", "forward", both,
+                              lambda d=dtype, r=direction, lay=layout: lh.forward_check(d, r, lay))  # fmt: skip
+    if not skip_training:
+        for dtype in (d for d in dtypes if d in ("float32", "float64")):
+            for direction in h.DIRECTIONS:
+                yield Planned(f"llama grad gpt {direction} {dtype}", "grad", both,
+                              lambda d=dtype, r=direction: lh.grad_check(r, d))  # fmt: skip
+        if "float32" in dtypes:
+            for direction in h.DIRECTIONS:
+                yield Planned(f"llama train_step 20 x AdamW {direction}", "train_step", both,
+                              lambda r=direction: lh.trajectory_check(r))  # fmt: skip
+    for fw in both if "float32" in dtypes else ():
+        needs = ("torch", "transformers") + (("jax",) if fw == "jax" else ())
+        for n_kv, layout in lh.HF_VARIANTS:
+            yield Planned(f"hf_llama transformers->{fw} kv_heads={n_kv} rope={layout}", "hf_llama", needs,
+                          lambda f=fw, k=n_kv, lay=layout: hh.hf_llama_check(f, k, lay))  # fmt: skip
+
+
 def moe_plan(dtypes, skip_training: bool):
     """Rows for the Mixture-of-Experts preset (twin_parity/moe_harness.py): forward and routing in
     each dtype; unless --skip-training, gradients, AdamW, resume, KV cache, generate and transformers'
@@ -212,6 +249,7 @@ def _still_run() -> str:
     """The checks --skip-training keeps, in plan order, read from the plans themselves."""
     dtypes = list(h.PARITY_DTYPES)
     names = [p.check for p in plan(dtypes, [4], ["cpu"], {"cpu": None})] + [p.check for p in hf_plan(dtypes)]
+    names += [p.check for p in llama_plan(dtypes, skip_training=True)]
     names += [p.check for p in moe_plan(dtypes, skip_training=True)]
     kept = [n for n in dict.fromkeys(names) if n not in TRAINING_CHECKS]
     return ", ".join(kept[:-1]) + " and " + kept[-1]
@@ -396,6 +434,7 @@ def main(argv=None) -> int:
     if not args.skip_training:
         planned += list(training_plan(args.dtypes, torch_devices, jax_devices))
     planned += list(hf_plan(args.dtypes))
+    planned += list(llama_plan(args.dtypes, args.skip_training))
     planned += list(moe_plan(args.dtypes, args.skip_training))
     if args.only:
         known = sorted({p.check for p in planned} | {"sharded"})

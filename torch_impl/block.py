@@ -235,7 +235,8 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(cfg.resid_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))  # (B, T, H) inside
+        # (B, T, H) inside, H = d_hidden
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class Block(nn.Module):

@@ -197,7 +197,8 @@ def rope_permutation(n_heads: int, head_size: int, to_layout: str) -> np.ndarray
     2i + 1 -> hs/2 + i turns interleaved into half-split (transformers' convert_llama_weights_to_hf
     ``permute``); its inverse goes back. Within each head only: heads keep their order."""
     half = head_size // 2
-    to_half = np.concatenate([np.arange(0, head_size, 2), np.arange(1, head_size, 2)])  # new i <- old
+    # new i <- old to_half[i]
+    to_half = np.concatenate([np.arange(0, head_size, 2), np.arange(1, head_size, 2)])
     within = to_half if to_layout == "half" else np.argsort(to_half)
     if to_layout not in ("half", "interleaved") or head_size != 2 * half:
         raise ValueError(f"no rope permutation to {to_layout!r} for head size {head_size}")

@@ -1,0 +1,59 @@
+"""Llama-block parity, shared by parity_tests/test_llama.py and scripts.parity_report.
+
+The Llama preset (``GPTConfig.llama_tiny``: RMSNorm, rotary positions, 4 query heads sharing 2
+key/value heads, SwiGLU, no biases, untied head) through the dense checks, each given the Llama
+config: forward (its block at the lesson's (5, 8, 128) input, ``harness.forward_check``),
+gradients (``train_harness.grad_check``) and a 20-step AdamW trajectory
+(``train_harness.trajectory_check``) of the GPT. transformers' LlamaForCausalLM against each twin
+is ``hf_harness.hf_llama_check``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from twin_parity import harness as h
+from twin_parity import train_harness as th
+from twin_common import GPTConfig
+
+# the lesson's (5, 8, 128) input through llama_tiny's block at width 128: 4 query heads of 32, 2
+# key/value heads, SwiGLU 344 (about 8/3 * 128, as llama_tiny's 176 for 64)
+LLAMA_BLOCK = dataclasses.replace(GPTConfig.llama_tiny().block_config(), d_model=128, block_size=8, mlp_hidden=344)
+# The GPT for gradients and training: llama_tiny at block 16 and vocabulary 64 (cheap on CPU).
+LLAMA_GPT = dataclasses.replace(GPTConfig.llama_tiny(), vocab_size=64, block_size=16)
+# The final-parameter bound of the llama train_step rows. One entry of blocks.0.mlp.down_proj.weight
+# (of 11264) has an exact step-0 gradient of 1.34e-9 (float64), under AdamW's eps 1e-8: the twins'
+# float32 gradients of it are 6.0e-10 (torch) and 1.04e-9 (JAX), rounding noise, and Adam's first
+# update lr_0 * g / (|g| + eps) (lr_0 = 6e-4) moves it by 3.4e-5 and 5.6e-5: 2.3e-5 apart, measured
+# 1.35e-5 apart after 20 steps, while every other entry stays within 1e-6. 5e-5 bounds a first-step
+# difference from rounding noise of up to 8e-10 in such a gradient; the per-step losses keep
+# TRAIN_TOLERANCE (1e-5, measured 1.2e-7) and the grad rows hold every gradient to 1e-5.
+LLAMA_WEIGHT_TOLERANCE = 5e-5
+ROPE_LAYOUTS = ("half", "interleaved")
+# transformers' LlamaForCausalLM rows: (n_kv_heads, rope layout) of a 6-head model; 2 is grouped
+# (3 query heads per key/value head), 6 is multi-head
+HF_VARIANTS = ((2, "half"), (2, "interleaved"), (6, "half"), (6, "interleaved"))
+
+
+def _summary(cfg) -> dict:
+    return {"model": "llama block", "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+            "rope_layout": cfg.rope_layout}  # fmt: skip
+
+
+def forward_check(dtype: str, direction: str, rope_layout: str = "half") -> h.Result:
+    cfg = dataclasses.replace(LLAMA_BLOCK, rope_layout=rope_layout)
+    r = h.forward_check(cfg, dtype, direction)
+    r.config = _summary(cfg)
+    return r
+
+
+def grad_check(direction: str, dtype: str = "float32") -> h.Result:
+    r = th.grad_check("gpt", dtype, direction, gpt_cfg=LLAMA_GPT)
+    r.config["model"] = "llama"
+    return r
+
+
+def trajectory_check(direction: str) -> h.Result:
+    r, _ = th.trajectory_check(direction, cfg=LLAMA_GPT, weight_tolerance=LLAMA_WEIGHT_TOLERANCE)
+    r.config["model"] = "llama"
+    return r
