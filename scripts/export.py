@@ -24,6 +24,7 @@ import sys
 from .generate import UsageError, load_config, load_model, resolve
 from twin_common.files import cannot_write
 from twin_common.precision import matched_precision
+from weight_conversion.hf_families import FAMILIES, config_from_dir, export_hf, family_of, import_hf
 from weight_conversion.preflight import check_fits
 
 
@@ -43,23 +44,6 @@ def out_problem(out: str, gpt2: bool, overwrite: bool) -> str | None:
     return None
 
 
-def hf_family(cfg):
-    """(name, exporter, config reader, importer) of the transformers layout for ``cfg``: Mixtral for
-    an MoE MLP, Llama for rotary positions, GPT-2 otherwise (each exporter refuses, naming the field,
-    a config its layout cannot hold)."""
-    if cfg.mlp == "moe":
-        from weight_conversion import hf_mixtral as m
-
-        return "Mixtral", m.export_hf_mixtral, m.mixtral_config_from_dir, m.import_hf_mixtral
-    if cfg.pos == "rope":
-        from weight_conversion import hf_llama as m
-
-        return "Llama", m.export_hf_llama, m.llama_config_from_dir, m.import_hf_llama
-    from weight_conversion import hf_gpt2 as m
-
-    return "GPT-2", m.export_hf_gpt2, m.gpt2_config_from_dir, m.import_hf_gpt2
-
-
 def export(checkpoint: str, out: str, *, overwrite: bool = False) -> str:
     """Write ``out`` from ``checkpoint`` and verify it; returns what was verified, in words."""
     import torch
@@ -74,11 +58,11 @@ def export(checkpoint: str, out: str, *, overwrite: bool = False) -> str:
     model = load_model("torch", kind, path, cfg)
     source = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if gpt2:
-        family, write, config_of, read = hf_family(cfg)
-        write(model, out, overwrite=overwrite)
-        again = GPT(config_of(out))
-        read(again, out, verify=True)
-        how = f"read back bit for bit, and within the float32 bound of a float64 NumPy {family} of the file"
+        family = family_of(cfg)
+        export_hf(family, model, out, overwrite=overwrite)
+        again = GPT(config_from_dir(family, out))
+        import_hf(family, again, out, verify=True)
+        how = f"read back bit for bit, and within the float32 bound of a float64 NumPy {FAMILIES[family]} of the file"
     else:
         wc.save(model, out)
         again = GPT(cfg)

@@ -21,7 +21,6 @@ largest per-step logit difference. Progress and tokens/s go to stderr.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -31,6 +30,7 @@ from twin_common import GPTConfig
 from twin_common import data as D
 from twin_common.generation import Sampling, compare_generations
 from twin_common.precision import matched_precision
+from weight_conversion.hf_families import FAMILIES, config_from_dir, import_hf
 from weight_conversion.preflight import check_fits
 
 
@@ -47,23 +47,6 @@ def _is_hf_dir(path: str) -> bool:
     ) or all(os.path.exists(os.path.join(path, n)) for n in ("config.json", "model.safetensors.index.json"))
 
 
-# transformers model_type -> (the converter module, its config reader, its importer)
-HF_FAMILIES = {
-    "gpt2": ("hf_gpt2", "gpt2_config_from_dir", "import_hf_gpt2"),
-    "llama": ("hf_llama", "llama_config_from_dir", "import_hf_llama"),
-    "mixtral": ("hf_mixtral", "mixtral_config_from_dir", "import_hf_mixtral"),
-}
-
-
-def _hf(family: str):
-    module = HF_FAMILIES[family][0]
-    try:
-        return importlib.import_module(f"weight_conversion.{module}")
-    except ImportError:
-        raise UsageError(f"reading a transformers {family} directory needs weight_conversion.{module}, "
-                         f"which this installation does not have") from None  # fmt: skip
-
-
 def _hf_family(path: str) -> str:
     """The family of a transformers directory, from its config.json's model_type (GPT-2's files
     written before model_type existed have none: GPT-2)."""
@@ -76,9 +59,9 @@ def _hf_family(path: str) -> str:
     family = doc.get("model_type", "gpt2") if isinstance(doc, dict) else None
     if not isinstance(doc, dict):
         raise UsageError(f"{path}: config.json holds {type(doc).__name__}, not a JSON object")
-    if family not in HF_FAMILIES:
+    if family not in FAMILIES:
         raise UsageError(f"{path}: config.json's model_type is {family!r}; transformers directories this "
-                         f"command reads: {', '.join(HF_FAMILIES)}")  # fmt: skip
+                         f"command reads: {', '.join(FAMILIES)}")  # fmt: skip
     return family
 
 
@@ -107,8 +90,8 @@ def resolve(path: str) -> tuple[str, str]:
 
 
 def load_config(kind: str, path: str) -> GPTConfig:
-    if kind in HF_FAMILIES:
-        return getattr(_hf(kind), HF_FAMILIES[kind][1])(path)
+    if kind in FAMILIES:
+        return config_from_dir(kind, path)
     from weight_conversion.safetensors_io import load_file
 
     _, metadata = load_file(path)
@@ -137,8 +120,8 @@ def load_model(framework: str, kind: str, path: str, cfg: GPTConfig, verify: boo
         model = GPT(cfg, rngs=nnx.Rngs(0))
     import weight_conversion as wc
 
-    if kind in HF_FAMILIES:
-        getattr(_hf(kind), HF_FAMILIES[kind][2])(model, path, verify=verify)
+    if kind in FAMILIES:
+        import_hf(kind, model, path, verify=verify)
     elif kind == "train":
         from weight_conversion.checkpoint import load_checkpoint
 
@@ -158,7 +141,7 @@ class Tokenizer:
 
     def __init__(self, kind: str, path: str, cfg: GPTConfig):
         self.hf = None
-        if kind in HF_FAMILIES:
+        if kind in FAMILIES:
             folder = path
             has_files = os.path.exists(os.path.join(folder, "tokenizer.json")) or all(
                 os.path.exists(os.path.join(folder, n)) for n in ("vocab.json", "merges.txt")
@@ -167,7 +150,7 @@ class Tokenizer:
                 from transformers import AutoTokenizer
 
                 self.hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.bytes = kind not in HF_FAMILIES and cfg.vocab_size == 256
+        self.bytes = kind not in FAMILIES and cfg.vocab_size == 256
 
     def encode(self, text: str) -> list[int]:
         if self.hf is not None:
