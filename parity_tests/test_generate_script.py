@@ -196,3 +196,27 @@ def test_a_llama_or_mixtral_directory(tmp_path, capsys, family):
     code = G.main(["--framework", "torch", "--checkpoint", str(tmp_path), "--prompt-ids", "5,6,7"])
     err = capsys.readouterr().err
     assert code == 2 and "model_type is 'qwen2'" in err and "gpt2, llama, mixtral" in err, err
+
+
+def test_the_readme_generate_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """Every `python -m scripts.generate` line of the README, as written, against a run folder of the
+    README's training command (its default model; 2 steps instead of 300: the step count changes no
+    size). The default --max-new-tokens fits the model's block_size after the prompt."""
+    import shlex
+
+    readme = (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"))
+    with open(readme, encoding="utf-8") as f:
+        text = f.read().replace("\\\n", " ")
+    commands = [line.split("#")[0] for line in text.splitlines() if line.startswith("python -m scripts.generate ")]
+    commands = [c for c in commands if "runs/torch" in c]
+    assert len(commands) >= 2, commands
+    monkeypatch.chdir(tmp_path)
+    assert T.main(["--framework", "torch", "--out", "runs/torch", "--steps", "2", "--eval-every", "0",
+                   "--sample", "0", "--quiet"]) == 0  # fmt: skip
+    for command in commands:
+        code = G.main(shlex.split(command)[3:] + ["--quiet"])
+        out, err = capsys.readouterr()
+        assert code == 0, (command, err)
+        assert out.strip(), command
+    code = G.main(["--framework", "torch", "--checkpoint", "runs/torch", "--prompt", "The cat ", "--max-new-tokens", "64"])
+    assert code == 2 and "exceeds the model's block_size=64" in capsys.readouterr().err

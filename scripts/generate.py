@@ -2,7 +2,7 @@
 
     python -m scripts.generate --framework torch --checkpoint runs/torch --prompt "The cat "
     python -m scripts.generate --framework compare --checkpoint runs/torch --prompt "12+7=" \\
-        --max-new-tokens 64 --temperature 0.8 --top-k 40 --seed 1
+        --max-new-tokens 48 --temperature 0.8 --top-k 40 --seed 1
     python -m scripts.generate --framework jax --checkpoint gpt2-dir --prompt-ids 464,3797 --temperature 0
 
 --checkpoint is a run folder of scripts.train (its latest.json), a project safetensors file
@@ -32,6 +32,9 @@ from twin_common.generation import Sampling, compare_generations
 from twin_common.precision import matched_precision
 from weight_conversion.hf_families import FAMILIES, config_from_dir, import_hf
 from weight_conversion.preflight import check_fits
+
+
+DEFAULT_NEW_TOKENS = 64
 
 
 class UsageError(Exception):
@@ -221,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                    help="prompt as comma-separated token ids (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default: {DEFAULT_NEW_TOKENS}, or as many as fit in the model's block_size after the "
+                        f"longest prompt (a larger value given here is refused)")  # fmt: skip
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0: all (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this mass; 1: all (default)")
@@ -248,6 +253,8 @@ def main(argv=None) -> int:
         prompts = [tok.encode(p) for p in args.prompt] + [parse_ids(p) for p in args.prompt_ids]
         if not prompts:
             raise UsageError("give at least one --prompt or --prompt-ids")
+        if args.max_new_tokens is None:  # the default fits the model: its cache holds block_size slots
+            args.max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, cfg.block_size - max(map(len, prompts))))
         frameworks = ["torch", "jax"] if args.framework == "compare" else [args.framework]
         results = {}
         with matched_precision():
