@@ -268,3 +268,74 @@ def test_report_names_each_planted_bug_in_its_row(monkeypatch, capsys):
     assert len(failed["hf_gpt2"]) == 2 and all("eps=0.001" in l and c.startswith("blocks.0: ") for l, c in failed["hf_gpt2"])
     [(line, cell)] = failed["kv_cache"]
     assert "torch:" in line and cell.startswith("row 0 position 7 (decode step 3; rule: the first position over the bound")
+
+
+# ------------------------------------------------------------ shared training rules (optimizer_vs_f64)
+
+
+def _train_default(monkeypatch, **defaults):
+    """TrainConfig's own defaults changed, as a wrong edit to twin_common/train_config.py would:
+    both training twins read them, so train_step and resume agree."""
+    from twin_common.train_config import TrainConfig
+
+    init = TrainConfig.__init__
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.init][-len(init.__defaults__):]
+    values = dict(zip(names, init.__defaults__)) | defaults
+    monkeypatch.setattr(init, "__defaults__", tuple(values[n] for n in names))
+
+
+def _decay_every_parameter(monkeypatch):
+    """The table's decay column says "decay" for biases and norms too (optax's unmasked adamw): one
+    column both optimizers build their masks from."""
+    from twin_common.params import ParamSpec
+
+    monkeypatch.setattr(ParamSpec, "decay", property(lambda self: True))
+
+
+def _warmup_one_step_late(monkeypatch):
+    """The schedule both twins read starts warmup at 0 instead of lr / warmup_steps."""
+    from twin_common.train_config import TrainConfig
+
+    honest = TrainConfig.lr_at
+    monkeypatch.setattr(TrainConfig, "lr_at", lambda self, s: honest(self, s - 1) if s < self.warmup_steps else honest(self, s))
+
+
+SHARED_TRAINING_BUGS = {
+    # bug -> (plant, framework whose row is run, the first divergence, the cause named in the detail)
+    "decay on every parameter": (_decay_every_parameter, "torch", "step 0: ", "decay column differs from 'matrices only' at "),
+    "beta2 0.999 (both libraries' default)": (lambda mp: _train_default(mp, beta2=0.999), "jax", "step 1: ",
+                                              "default changed: beta2 0.999 (reference 0.95)"),  # step 0: Adam's bias correction cancels beta2
+    "warmup one step late": (_warmup_one_step_late, "torch", "step 0: ", "TrainConfig.lr_at(0) = "),
+}
+
+
+@pytest.mark.parametrize("bug", list(SHARED_TRAINING_BUGS))
+def test_a_shared_training_bug_passes_train_step_and_fails_the_optimizer_row(monkeypatch, bug):
+    """A mistake both twins share cannot fail a twin-vs-twin row; each twin against the NumPy AdamW
+    written in optimizer_harness fails, names the first step and says which shared rule moved."""
+    from twin_parity import optimizer_harness as oh
+
+    plant, framework, first, cause = SHARED_TRAINING_BUGS[bug]
+    plant(monkeypatch)
+    r = oh.optimizer_check(framework)
+    assert not r.passed and r.first_divergence.startswith(first), r.divergence_detail
+    assert cause in r.divergence_detail, r.divergence_detail
+    if bug == "decay on every parameter":  # the twins agree with each other: train_step passes
+        from twin_parity import train_harness as th
+
+        assert th.trajectory_check("torch->jax")[0].passed
+        assert r.first_divergence.split(": ")[1].endswith(("bias", "weight")) and "ln" in r.divergence_detail
+
+
+def test_clipping_without_torchs_epsilon_fails_the_jax_optimizer_row(monkeypatch):
+    """optax.clip_by_global_norm (max_norm / norm) instead of torch's max_norm / (norm + 1e-6): the
+    clipped gradient moves by 1e-6 / norm relative (norm about 3 here), 7.9e-11 in a float64 weight
+    after one step (measured); the row against NumPy, bound 1e-12, sees it at step 0."""
+    import optax
+
+    import jax_impl.train as jt
+    from twin_parity import optimizer_harness as oh
+
+    monkeypatch.setattr(jt, "clip_by_global_norm_like_torch", optax.clip_by_global_norm)
+    r = oh.optimizer_check("jax")
+    assert not r.passed and r.first_divergence.startswith("step 0: "), r.divergence_detail

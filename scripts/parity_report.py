@@ -13,6 +13,10 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
   loss_vs_f64         each twin's loss on bfloat16 logits against a float64 cross-entropy
   roundtrip           torch -> Flax -> torch and back through safetensors files, bit for bit
   grad                every parameter gradient (and the block's input gradient), block and small GPT
+  optimizer_vs_f64    each twin's AdamW alone, 8 float64 steps, against a NumPy AdamW with the
+                      project's values written in the check (decay on matrices only, clipping,
+                      warmup + cosine): a default, decay rule or schedule both twins share and both
+                      got wrong passes train_step and fails here
   train_step          20 AdamW steps (warmup + cosine, clipping) of a small GPT in both frameworks
   resume              10 steps in one framework, checkpoint, 10 more in the other
   hf_gpt2             transformers' GPT2LMHeadModel (random weights, saved with save_pretrained) imported
@@ -74,12 +78,13 @@ class Planned(NamedTuple):
 
 
 # The checks --skip-training leaves out (training_plan's), named in its help.
-TRAINING_CHECKS = ("grad", "train_step", "resume", "generate")
+TRAINING_CHECKS = ("grad", "optimizer_vs_f64", "train_step", "resume", "generate")
 
 
 def training_plan(dtypes, torch_devices=("cpu",), jax_devices=None):
-    """Rows for gradients (CPU, float32/64), then on every torch device x JAX device: 20-step AdamW
-    trajectories, cross-framework resume and generation (float32)."""
+    """Rows for gradients (CPU, float32/64) and each twin's AdamW against NumPy (CPU, float64), then
+    on every torch device x JAX device: 20-step AdamW trajectories, cross-framework resume and
+    generation (float32)."""
     from twin_parity import train_harness as th
 
     both = ("torch", "jax")
@@ -88,6 +93,12 @@ def training_plan(dtypes, torch_devices=("cpu",), jax_devices=None):
             for direction in h.DIRECTIONS:
                 yield Planned(f"grad {model} {direction} {dtype}", "grad", both,
                               lambda m=model, d=dtype, r=direction: th.grad_check(m, d, r))
+    if "float64" in dtypes:  # each twin's AdamW alone against a float64 NumPy AdamW (CPU)
+        from twin_parity import optimizer_harness as oh
+
+        for framework in ("torch", "jax"):
+            yield Planned(f"optimizer {framework} vs NumPy AdamW float64", "optimizer_vs_f64", (framework,),
+                          lambda f=framework: oh.optimizer_check(f))  # fmt: skip
     if "float32" not in dtypes:
         return
     from twin_parity import generate_harness as gh
