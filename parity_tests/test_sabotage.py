@@ -19,7 +19,7 @@ import jax_impl.block as jb
 import weight_conversion.flax_side
 import weight_conversion.torch_side
 from twin_parity import harness as h
-from twin_parity.bf16_bugs import BF16_BUGS
+from twin_parity.bf16_bugs import BF16_BUGS, LLAMA_BF16_BUGS
 from twin_parity.pitfalls import flax_layer_norm
 from scripts import parity_report
 from twin_common import BlockConfig
@@ -122,6 +122,20 @@ def test_bf16_only_bug_fails_a_one_twin_row(name):
     assert failed, f"{name} went unnoticed"
     expected = "loss" if "loss" in name else "attn probabilities" if "softmax" in name else "ln_1"
     assert all(r.first_divergence == expected for r in failed), [r.divergence_detail for r in failed]
+
+
+@pytest.mark.parametrize("name", list(LLAMA_BF16_BUGS))
+def test_llama_bf16_only_bug_fails_its_one_twin_row(name):
+    """The Llama block's bfloat16 traps: an RMSNorm statistic in bfloat16 (ln_1 of the sublayer row)
+    and rotary angles in bfloat16 (the rope row, at the first position whose angle is off; the
+    lesson's 8 positions hide it from the sublayer row). Neither moves a twin-vs-twin row."""
+    from twin_parity import llama_harness as lh
+
+    framework, bug = LLAMA_BF16_BUGS[name]
+    with bug():
+        r = lh.rope_check(framework) if "rotary" in name else lh.bf16_sublayer_check(framework, "math")
+    assert not r.passed, f"{name} went unnoticed"
+    assert r.first_divergence.startswith("cos at position ") if "rotary" in name else r.first_divergence == "ln_1", r.divergence_detail
 
 
 def test_the_softmax_sabotage_keeps_the_real_methods_signature():

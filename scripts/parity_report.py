@@ -31,7 +31,9 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
   llama               the Llama preset (GPTConfig.llama_tiny's block: RMSNorm, rotary positions, 4
                       query heads sharing 2 key/value heads, SwiGLU): its "llama" rows of forward
                       (every dtype; both rope layouts in float32), grad and train_step are the dense
-                      checks run on the Llama config
+                      checks run on the Llama config; in bfloat16 each twin's Llama block alone
+                      against float64 (sublayers_vs_f64) and its rotary cos/sin at 4096 positions
+                      (rope_vs_f64)
   hf_llama            transformers' LlamaForCausalLM imported into each twin: logits and every
                       block's hidden state, grouped (2 kv heads) and multi-head, half-split and
                       interleaved rope (float32; skipped where transformers is not installed)
@@ -152,6 +154,13 @@ def llama_plan(dtypes, skip_training: bool):
             for direction in h.DIRECTIONS:
                 yield Planned(f"llama forward {direction} {dtype} rope={layout}", "forward", both,
                               lambda d=dtype, r=direction, lay=layout: lh.forward_check(d, r, lay))  # fmt: skip
+    if "bfloat16" in dtypes:  # each twin alone against float64: its sublayers, its rotary angles
+        for framework in both:
+            for impl in ("fused", "math"):
+                yield Planned(f"llama bf16 sublayers vs float64 {framework} {impl}", "sublayers_vs_f64", (framework,),
+                              lambda f=framework, i=impl: lh.bf16_sublayer_check(f, i))  # fmt: skip
+            yield Planned(f"llama bf16 rope vs float64 {framework} ({lh.ROPE_POSITIONS} positions)", "rope_vs_f64",
+                          (framework,), lambda f=framework: lh.rope_check(f))  # fmt: skip
     if not skip_training:
         for dtype in (d for d in dtypes if d in ("float32", "float64")):
             for direction in h.DIRECTIONS:

@@ -21,11 +21,13 @@ from collections.abc import Callable, Iterator
 from unittest import mock
 
 BF16_BUGS: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]] = {}
+# Bugs in the Llama block's own layers (RMSNorm, rotary angles): seen through llama_harness.LLAMA_BLOCK
+LLAMA_BF16_BUGS: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]] = {}
 
 
-def _bug(name: str, framework: str):
+def _bug(name: str, framework: str, registry: dict = BF16_BUGS):
     def register(fn):
-        BF16_BUGS[name] = (framework, contextlib.contextmanager(fn))
+        registry[name] = (framework, contextlib.contextmanager(fn))
         return fn
 
     return register
@@ -188,4 +190,69 @@ def _flax_loss_cast_before_mean() -> Iterator[None]:
         return per_token.astype(logits.dtype).mean()
 
     with mock.patch.object(jg, "loss_fn", loss_fn):
+        yield
+
+
+# ------------------------------------------------------------------------------ the Llama block
+
+
+@_bug("RMSNorm statistic in bfloat16 (torch)", "torch", LLAMA_BF16_BUGS)
+def _torch_rmsnorm_bf16() -> Iterator[None]:
+    """mean(x^2) and rsqrt in the input's dtype: what torch.nn.RMSNorm does with a bfloat16 input,
+    and what transformers' LlamaRMSNorm upcasts to float32 to avoid."""
+    import torch
+
+    import torch_impl.block as tb
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    with mock.patch.object(tb.RMSNorm, "forward", forward):
+        yield
+
+
+@_bug("RMSNorm statistic in bfloat16 (Flax)", "jax", LLAMA_BF16_BUGS)
+def _flax_rmsnorm_bf16() -> Iterator[None]:
+    import jax
+    import jax.numpy as jnp
+
+    import jax_impl.block as jb
+
+    def __call__(self, x):  # noqa: N807
+        return self.scale[...] * (x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps))
+
+    with mock.patch.object(jb.RMSNorm, "__call__", __call__):
+        yield
+
+
+@_bug("rotary angles in bfloat16 (torch)", "torch", LLAMA_BF16_BUGS)
+def _torch_rope_angles_bf16() -> Iterator[None]:
+    """The frequencies and position x frequency products in the compute dtype instead of float32."""
+    import torch
+
+    import torch_impl.block as tb
+
+    def rope_angles(pos, cfg, dtype):
+        hs = cfg.d_head
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hs, 2, dtype=dtype, device=pos.device) / hs)
+        angles = pos.to(dtype)[..., None] * inv_freq
+        return angles.cos(), angles.sin()
+
+    with mock.patch.object(tb, "rope_angles", rope_angles):
+        yield
+
+
+@_bug("rotary angles in bfloat16 (Flax)", "jax", LLAMA_BF16_BUGS)
+def _flax_rope_angles_bf16() -> Iterator[None]:
+    import jax.numpy as jnp
+
+    import jax_impl.block as jb
+
+    def rope_angles(pos, cfg, dtype):
+        hs = cfg.d_head
+        inv_freq = 1.0 / cfg.rope_theta ** (jnp.arange(0, hs, 2, dtype=dtype) / hs)
+        angles = pos.astype(dtype)[..., None] * inv_freq
+        return jnp.cos(angles), jnp.sin(angles)
+
+    with mock.patch.object(jb, "rope_angles", rope_angles):
         yield
