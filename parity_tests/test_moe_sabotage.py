@@ -58,3 +58,18 @@ def test_route_variant_without_traps_is_the_twin_route():
     for change in ({}, dict(norm_topk_prob=False), dict(capacity_factor=0.75)):
         cfg = dataclasses.replace(mp.MOE_BLOCK, **change)
         assert torch.equal(mp.route_variant(logits, cfg), tm.route(logits, cfg)), change
+
+
+@pytest.mark.parametrize("variant,trap", [
+    ("norm_topk_prob=False", dict(ignore_norm=True)), ("norm_topk_prob=False", dict(softmax_after_topk=True)),
+    ("capacity_factor=0.75", dict(rank_first=True)), ("zero router", dict(library_topk=True)),
+], ids=["norm_topk_prob ignored", "softmax after top-k", "capacity drop order", "library top-k ties"])  # fmt: skip
+def test_each_routing_trap_fails_a_report_row(variant, trap):
+    """moe_tiny's config takes none of these branches, so its own rows cannot see the traps; the
+    report's variant rows (moe_harness.VARIANTS) run each and name the MoE MLP."""
+    from twin_parity import moe_harness as mh
+
+    assert mh.variant_check(variant, "jax->torch").passed
+    with mp._with_route(**trap):
+        r = mh.variant_check(variant, "jax->torch")
+    assert not r.passed and r.first_divergence == "mlp", r.divergence_detail

@@ -40,7 +40,9 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
   routing             the MoE preset (GPTConfig.moe_tiny's block): the experts each of 512 tokens
                       chooses, identical in both twins except tokens whose margin the dtype cannot
                       decide; its "moe" rows of forward, grad, train_step, resume, kv_cache, generate
-                      and sharded_* are the dense checks run on the MoE preset
+                      and sharded_* are the dense checks run on the MoE preset, and three forward
+                      rows run the rules its config skips (norm_topk_prob=False, a capacity factor,
+                      a zero router whose ties the lower-index rule decides)
   hf_mixtral          transformers' MixtralForCausalLM imported into each twin: logits, router logits,
                       expert choices and the load-balancing loss
   sharded_*           each twin on (data, model) meshes of simulated CPU devices vs one device:
@@ -189,6 +191,10 @@ def moe_plan(dtypes, skip_training: bool):
             yield Planned(f"moe forward {direction} {dtype}", "forward", both,
                           lambda d=dtype, r=direction: mh.forward_check(d, r))  # fmt: skip
         yield Planned(f"moe routing {dtype}", "routing", both, lambda d=dtype: mh.routing_check(d))
+    for variant in mh.VARIANTS if "float32" in dtypes else ():  # the rules moe_tiny's own config skips
+        for direction in h.DIRECTIONS:
+            yield Planned(f"moe forward {direction} float32 {variant}", "forward", both,
+                          lambda v=variant, r=direction: mh.variant_check(v, r))  # fmt: skip
     if skip_training or "float32" not in dtypes:
         return
     for label, run in mh.checks(skip_training=False):

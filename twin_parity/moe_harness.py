@@ -397,3 +397,50 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["jax-sharded"]:
         sys.exit("usage: python -m twin_parity.moe_harness jax-sharded")
     print(json.dumps([r.to_json() for r in jax_sharded_rows()]))
+
+
+# ------------------------------------------------------------------- rules moe_tiny never takes
+
+# moe_tiny renormalises its top-k weights, is dropless and has a random router (no two logits of a
+# token equal), so its rows run none of these branches: a twin that ignored norm_topk_prob=False,
+# filled an expert's capacity in another order or broke ties by its library's top-k would pass
+# every one of them. Each variant is MOE_BLOCK with one rule at work; the twin that breaks it
+# differs from the other (twin_parity/pitfalls/moe.py measures each trap).
+VARIANTS = {
+    "norm_topk_prob=False": dict(norm_topk_prob=False),  # Mixtral renormalises; Qwen2-MoE does not
+    "capacity_factor=0.75": dict(capacity_factor=0.75),  # 15 pairs per expert of 80: a quarter dropped
+    "zero router": {},  # every router logit 0: each token's experts are the tie rule's (lower index)
+}
+
+
+def _zeroed_router(build):
+    """A block builder whose MoE router weights are zero (a zero-initialised router)."""
+
+    def zeroed(cfg, dtype, device, seed):
+        model = build(cfg, dtype, device, seed)
+        if hasattr(model.mlp.router, "kernel"):  # Flax: kernel (C, E)
+            model.mlp.router.kernel.set_value(0 * model.mlp.router.kernel[...])
+        else:
+            import torch
+
+            with torch.no_grad():
+                model.mlp.router.weight.zero_()
+        return model
+
+    return zeroed
+
+
+def variant_check(variant: str, direction: str, dtype: str = "float32") -> h.Result:
+    """The forward check on MOE_BLOCK with one of VARIANTS' rules at work."""
+    from unittest import mock
+
+    cfg = dataclasses.replace(MOE_BLOCK, **VARIANTS[variant])
+    if variant == "zero router":
+        with mock.patch.object(h, "new_torch_block", _zeroed_router(h.new_torch_block)), \
+             mock.patch.object(h, "new_flax_block", _zeroed_router(h.new_flax_block)):  # fmt: skip
+            r = h.forward_check(cfg, dtype, direction)
+    else:
+        r = h.forward_check(cfg, dtype, direction)
+    r.direction = f"{direction} ({variant})"
+    r.config = {"model": "moe block", "n_experts": cfg.n_experts, "top_k": cfg.top_k, "variant": variant}
+    return r
