@@ -132,3 +132,20 @@ def test_sabotage_left_pad_positions(monkeypatch):
     assert not gh.kv_cache_check("torch", "float32").passed  # learned positions: caught
     # rotary positions: a shift shared by a row's queries and keys cancels, within rounding
     assert gh.kv_cache_check("torch", "float32", base=gh.LLAMA_CACHE_CFG).passed
+
+
+@pytest.mark.parametrize("field, variant", [("attention_bias", 2), ("tie_word_embeddings", 3)])
+def test_a_dropped_llama_config_field_fails_its_hf_llama_row(monkeypatch, field, variant):
+    """The config mapping forgets a field it reads (attention biases, a tied head): the import then
+    refuses the file, naming the field, and the report's row fails. Only the hf_llama rows with
+    biases and a tied head (llama_harness.HF_VARIANTS) run that path; the others pass."""
+    pytest.importorskip("transformers", reason="transformers is a test extra")
+    import weight_conversion.hf_llama as hl
+    from twin_parity import hf_harness as hh
+    from twin_parity import llama_harness as lh
+
+    n_kv, layout, overrides = lh.HF_VARIANTS[variant]
+    assert overrides.get(field) is True
+    monkeypatch.delitem(hl.MAPPED, field)
+    with pytest.raises(ValueError, match=f"{field}=True: the twins do not compute it"):
+        hh.hf_llama_check("torch", n_kv, layout, **overrides)

@@ -174,9 +174,10 @@ def llama_plan(dtypes, skip_training: bool):
                               lambda r=direction: lh.trajectory_check(r))  # fmt: skip
     for fw in both if "float32" in dtypes else ():
         needs = ("torch", "transformers") + (("jax",) if fw == "jax" else ())
-        for n_kv, layout in lh.HF_VARIANTS:
-            yield Planned(f"hf_llama transformers->{fw} kv_heads={n_kv} rope={layout}", "hf_llama", needs,
-                          lambda f=fw, k=n_kv, lay=layout: hh.hf_llama_check(f, k, lay))  # fmt: skip
+        for n_kv, layout, overrides in lh.HF_VARIANTS:
+            extra = "".join(f" {hh.SHORT.get(k, k)}" for k, v in overrides.items() if v)
+            yield Planned(f"hf_llama transformers->{fw} kv_heads={n_kv} rope={layout}{extra}", "hf_llama", needs,
+                          lambda f=fw, k=n_kv, lay=layout, o=overrides: hh.hf_llama_check(f, k, lay, **o))  # fmt: skip
 
 
 def moe_plan(dtypes, skip_training: bool):

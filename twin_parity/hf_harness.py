@@ -185,7 +185,7 @@ def hf_gpt2_check(
         twin = import_into(framework, directory, dtype=dtype)
         reference, other = hf_run(hf, idx), twin_run(twin, idx)
     err, rel, bound, passed, first, detail = compare_logits(reference, other, dtype)
-    name = f"gpt2 {n_layers}L T={seq}" + "".join(f" {_SHORT.get(k, k)}={v}" for k, v in overrides.items())
+    name = f"gpt2 {n_layers}L T={seq}" + "".join(f" {SHORT.get(k, k)}={v}" for k, v in overrides.items())
     return Result(
         "hf_gpt2", [2, seq], dtype, "cpu" if framework == "torch" else None,
         "cpu" if framework == "jax" else None, f"transformers({attn_implementation})->{framework}",
@@ -195,15 +195,18 @@ def hf_gpt2_check(
     )  # fmt: skip
 
 
-_SHORT = {"layer_norm_epsilon": "eps", "activation_function": "act"}  # for the table's model column
+# transformers config fields as the table's model column shortens them
+SHORT = {"layer_norm_epsilon": "eps", "activation_function": "act", "attention_bias": "bias",
+         "tie_word_embeddings": "tied"}  # fmt: skip
 
 
-def hf_llama_check(framework: str, n_kv_heads: int, rope_layout: str, seed: int = 0) -> Result:
+def hf_llama_check(framework: str, n_kv_heads: int, rope_layout: str, seed: int = 0, **overrides) -> Result:
     """transformers -> twin: import a saved LlamaForCausalLM (2 layers, 6 heads of 6, n_kv_heads
-    key/value heads) into a twin of ``rope_layout``, compare logits (float32, CPU)."""
+    key/value heads, LlamaConfig ``overrides``) into a twin of ``rope_layout``, compare logits
+    (float32, CPU)."""
     from transformers.utils import logging
 
-    hf = new_hf_model(llama_config(n_kv_heads), seed)
+    hf = new_hf_model(llama_config(n_kv_heads, **overrides), seed)
     idx = token_ids(2, LLAMA_POSITIONS, seed, LLAMA_VOCAB)
     logging.disable_progress_bar()
     with matched_precision(), tempfile.TemporaryDirectory() as directory:
@@ -214,6 +217,6 @@ def hf_llama_check(framework: str, n_kv_heads: int, rope_layout: str, seed: int 
         "hf_llama", [2, LLAMA_POSITIONS], "float32", "cpu" if framework == "torch" else None,
         "cpu" if framework == "jax" else None, f"transformers->{framework} ({rope_layout} rope)",
         *compare_logits(reference, other),
-        config={"model": f"llama kv={n_kv_heads}", "n_heads": LLAMA_HEADS, "n_kv_heads": n_kv_heads,
-                "rope_layout": rope_layout},
+        config={"model": f"llama kv={n_kv_heads}" + "".join(f" {SHORT.get(k, k)}" for k, v in overrides.items() if v),
+                "n_heads": LLAMA_HEADS, "n_kv_heads": n_kv_heads, "rope_layout": rope_layout, **overrides},
     )  # fmt: skip

@@ -32,9 +32,12 @@ LLAMA_GPT = dataclasses.replace(GPTConfig.llama_tiny(), vocab_size=64, block_siz
 # TRAIN_TOLERANCE (1e-5, measured 1.2e-7) and the grad rows hold every gradient to 1e-5.
 LLAMA_WEIGHT_TOLERANCE = 5e-5
 ROPE_LAYOUTS = ("half", "interleaved")
-# transformers' LlamaForCausalLM rows: (n_kv_heads, rope layout) of a 6-head model; 2 is grouped
-# (3 query heads per key/value head), 6 is multi-head
-HF_VARIANTS = ((2, "half"), (2, "interleaved"), (6, "half"), (6, "interleaved"))
+# transformers' LlamaForCausalLM rows: (n_kv_heads, rope layout, LlamaConfig overrides) of a 6-head
+# model; 2 is grouped (3 query heads per key/value head), 1 multi-query, 6 multi-head; the last two
+# also carry attention biases (Qwen2's q/k/v biases) and one a head tied to the embedding, so an
+# import that drops either fails a row and not only a test
+HF_VARIANTS = ((2, "half", {}), (2, "interleaved", {}), (1, "half", {"attention_bias": True}),
+               (6, "interleaved", {"attention_bias": True, "tie_word_embeddings": True}))  # fmt: skip
 
 
 def _summary(cfg) -> dict:
