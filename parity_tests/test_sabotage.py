@@ -221,6 +221,30 @@ def _top_k_keeps_one_more(monkeypatch):
     monkeypatch.setattr(tg, "sample", sample)
 
 
+def test_llama_generate_row_names_a_top_k_keeping_one_more(monkeypatch):
+    from twin_parity import llama_harness as lh
+
+    _top_k_keeps_one_more(monkeypatch)
+    r = lh.generate_check("top_k")
+    assert not r.passed and r.config["model"] == "llama"
+    assert r.first_divergence.startswith("torch row ") and r.first_divergence.endswith("outside the top-k/top-p set")
+
+
+def test_llama_resume_row_names_a_dropped_optimizer_step_count(monkeypatch):
+    """The resumed trainer starts its step count at 0 (the checkpoint's step dropped on the way
+    in): the learning-rate schedule and Adam's bias correction restart. The row names the count,
+    the cause, not the parameter that moved most because of it."""
+    import torch_impl.train as tt
+    from twin_parity import llama_harness as lh
+
+    honest = tt.Trainer.load
+    monkeypatch.setattr(tt.Trainer, "load", lambda self, weights, optim, step: honest(self, weights, optim, 0))
+    r = lh.resume_check("jax")  # 10 steps in JAX, resumed in torch
+    assert not r.passed and r.first_divergence == "optimizer step count", r.divergence_detail
+    assert r.divergence_detail == "optimizer step count: torch resumed at step 0, the checkpoint was saved at 10"
+    assert r.max_abs_err > r.tolerance  # and the weights did move apart
+
+
 def _cells(out: str) -> list[tuple[str, str]]:
     """(row, first-divergence cell) of every row of the report's table."""
     lines = out.splitlines()

@@ -20,7 +20,7 @@ from twin_parity import harness as h
 from twin_parity import train_harness as th
 from twin_common import GPTConfig
 from twin_common.generation import (
-    LOGIT_TOL, Generation, Sampling, compare_generations, decision_margin, kept_probabilities,
+    LOGIT_TOL, Generation, Sampling, compare_generations, decision_margin, kept_probabilities, layout,
 )
 from twin_common.precision import matched_precision
 from twin_common.tolerances import tolerance_for
@@ -129,7 +129,8 @@ def kv_cache_check(
         first_divergence=first, divergence_detail=detail,
         config={"model": model_name(cfg), "attn_impl": attn_impl,
                 "n_layers": cfg.n_layers, "d_model": cfg.d_model,
-                "prompt_lengths": [len(p) for p in CACHE_PROMPTS], "new_tokens": n_new},
+                "prompt_lengths": [len(p) for p in CACHE_PROMPTS], "new_tokens": n_new,
+                "first_real_slots": layout([list(p) for p in CACHE_PROMPTS], cfg.block_size).start.tolist()},
     )  # fmt: skip
 
 
