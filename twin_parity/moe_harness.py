@@ -27,7 +27,7 @@ from twin_common.tolerances import tolerance_for
 MOE_BLOCK = dataclasses.replace(GPTConfig.moe_tiny().block_config(), d_model=128, block_size=8, mlp_hidden=96)
 # The GPT for gradients, training and resume: moe_tiny at block 16 and vocabulary 64 (cheap on CPU).
 MOE_GPT = dataclasses.replace(GPTConfig.moe_tiny(), vocab_size=64, block_size=16)
-# The GPT for the KV cache and generation: init_std 0.1 for logits of O(1) (peak 3.2; at normal(0,
+# The GPT for the KV cache: init_std 0.1 for logits of O(1) (peak 3.2; at normal(0,
 # 0.02) they are near-uniform and hide cache errors). generate_harness.CACHE_CFG's 0.2 gives this
 # model logits of peak 6.1, and float32 rounding at that size alone (relative 2.8e-6, measured)
 # reaches 1.7e-5 absolute, over the 1e-5 tolerance without any bug.
