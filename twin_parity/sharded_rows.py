@@ -133,7 +133,13 @@ def _torch_rank(rank: int, world: int, port: int, out: str, mesh: tuple[int, int
     torch.manual_seed(0)
     trainer = S.ShardedTrainer(GPT(cfg), tcfg, device_mesh)
     losses = [float(trainer.step(*b)[0]) for b in batches]
-    splits = _splits(cfg, lambda path: str(trainer.model.blocks[0].get_submodule(".".join(path)).weight.placements))
+    def describe(path):
+        node = trainer.model.blocks[0]
+        for key in path:  # a Linear (its weight) or a parameter (the stacked experts)
+            node = getattr(node, key)
+        return str(getattr(node, "weight", node).placements)
+
+    splits = _splits(cfg, describe)
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"logits": logits.tolist(), "losses": losses, "splits": splits}, f)
