@@ -174,6 +174,17 @@ def test_kv_cache_holds_kv_heads():
     assert tuple(f.blocks[0].attn.kv_cache.k[...].shape) == (3, 16, cfg.kv_heads, cfg.d_head)  # (B, L, nkv, hs)
 
 
+def test_smollm2_preset_has_the_published_shape():
+    """SmolLM2-135M's config.json values (twin_common/config.py cites them) and, through the
+    parameter table, its parameter count with the head tied: 134,515,008 ("135M")."""
+    from twin_common.presets import PRESETS
+
+    cfg = PRESETS["smollm2-135m"]
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_hidden) == (30, 576, 9, 3, 64, 1536)
+    assert (cfg.vocab_size, cfg.block_size, cfg.rope_theta, cfg.ln_eps, cfg.tie_embeddings) == (49152, 8192, 1e5, 1e-5, True)
+    assert sum(int(np.prod(s.torch_shape)) for s in table_for(cfg)) == 134_515_008
+
+
 def test_mesh_refuses_kv_heads_it_cannot_split():
     problems = mesh_problems(MeshShape(1, 4), GPTConfig.llama_tiny())  # 4 query heads, 2 kv heads
     assert len(problems) == 1 and "n_kv_heads=2" in problems[0] and "model=4" in problems[0]
