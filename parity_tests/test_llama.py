@@ -87,6 +87,45 @@ def test_llama_adamw_trajectory():
     assert r.max_rel_err <= 1e-5  # the per-step losses keep TRAIN_TOLERANCE; only the weights' bound is wider
 
 
+@pytest.mark.parametrize("first", ["jax", pytest.param("torch", marks=pytest.mark.slow)])
+def test_llama_cross_framework_resume(first):
+    r = lh.resume_check(first)
+    assert r.passed, (r.max_abs_err, r.first_divergence, r.divergence_detail)
+    assert r.max_rel_err <= 1e-5 and r.config["resumed_step"] == 10  # losses: TRAIN_TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_llama_kv_cache_on_a_left_padded_batch(framework, dtype):
+    r = lh.kv_cache_check(framework, dtype)
+    assert r.passed, (r.max_abs_err, r.first_divergence, r.divergence_detail)
+    # rotary positions, and the batch really is left-padded: rows 0 and 2 start at slots 6 and 10
+    assert r.config["model"] == "llama" and r.config["first_real_slots"] == [6, 0, 10]
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "top_k", "sampled"])
+def test_llama_generate_across_frameworks(sampling):
+    r = lh.generate_check(sampling)  # trains llama_tiny once per test process (~15 s on 2 cores)
+    assert r.passed, (r.max_abs_err, r.first_divergence)
+    assert r.config["model"] == "llama" and r.shape == [2, 72]
+
+
+def test_llama_jax_sharded_equals_one_device():
+    """data=2, model=2 simulated devices: each device holds one key/value head and its two query
+    heads (k_proj's kernel split by output features over model), the batch split over data."""
+    rows = lh.run_jax_sharded()
+    assert [r.check for r in rows] == ["sharded_forward", "sharded_train_step"]
+    for r in rows:
+        assert r.passed and r.config["splits"]["kv_heads"] == "P(None, 'model')", r
+
+
+def test_llama_torch_sharded_equals_one_device():
+    rows = lh.torch_sharded_rows()
+    assert [r.check for r in rows] == ["sharded_forward", "sharded_train_step"]
+    for r in rows:
+        assert r.passed and r.config["splits"]["kv_heads"] == "(Replicate(), Shard(dim=0))", r
+
+
 # ------------------------------------------------------------------------------ the rope layouts
 
 
@@ -133,6 +172,17 @@ def test_kv_cache_holds_kv_heads():
     f.setup_cache(3, 16)
     assert tuple(t.blocks[0].attn.kv_cache.k.shape) == (3, cfg.kv_heads, 16, cfg.d_head)  # (B, nkv, L, hs)
     assert tuple(f.blocks[0].attn.kv_cache.k[...].shape) == (3, 16, cfg.kv_heads, cfg.d_head)  # (B, L, nkv, hs)
+
+
+def test_smollm2_preset_has_the_published_shape():
+    """SmolLM2-135M's config.json values (twin_common/config.py cites them) and, through the
+    parameter table, its parameter count with the head tied: 134,515,008 ("135M")."""
+    from twin_common.presets import PRESETS
+
+    cfg = PRESETS["smollm2-135m"]
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_hidden) == (30, 576, 9, 3, 64, 1536)
+    assert (cfg.vocab_size, cfg.block_size, cfg.rope_theta, cfg.ln_eps, cfg.tie_embeddings) == (49152, 8192, 1e5, 1e-5, True)
+    assert sum(int(np.prod(s.torch_shape)) for s in table_for(cfg)) == 134_515_008
 
 
 def test_mesh_refuses_kv_heads_it_cannot_split():

@@ -149,3 +149,22 @@ def test_a_dropped_llama_config_field_fails_its_hf_llama_row(monkeypatch, field,
     monkeypatch.delitem(hl.MAPPED, field)
     with pytest.raises(ValueError, match=f"{field}=True: the twins do not compute it"):
         hh.hf_llama_check("torch", n_kv, layout, **overrides)
+
+
+def test_sabotage_rotary_decode_positions_from_the_padded_slot(monkeypatch):
+    """Prefill with the true positions, then every decode step's rotary position taken from its
+    cache slot (the padded index): a left-padded row's new query and key sit start positions away
+    from its cached keys, and only a padded row shows it. The Llama kv_cache row fails at the first
+    decode step of row 0 (5 prompt tokens after 6 pads: position 5); row 1, unpadded, stays right."""
+    honest = tg.position_ids
+
+    def decode_from_slot(slots, start):
+        return honest(slots, start) if slots.shape[0] > 1 else slots[None, :].expand(start.shape[0], -1)
+
+    monkeypatch.setattr(tg, "position_ids", decode_from_slot)
+    from twin_parity import llama_harness as lh
+
+    r = lh.kv_cache_check("torch", "float32")
+    assert not r.passed and r.first_divergence == "row 0 position 5", r.divergence_detail
+    assert "decode step 1;" in r.divergence_detail
+

@@ -257,7 +257,7 @@ def test_jax_expert_parallel_equals_one_device():
     rows = mh.run_jax_sharded()
     assert len(rows) == 2 * len(mh.SHARDED_MESHES)
     for r in rows:
-        assert r["passed"] and "model" in r["config"]["experts_spec"], r
+        assert r.passed and "model" in r.config["splits"]["experts"], r
 
 
 @pytest.mark.slow
@@ -267,7 +267,7 @@ def test_torch_expert_parallel_equals_one_device(mesh):
     data=2 the load-balancing loss is the whole batch's (router_losses' data_mean): without it each
     process's loss saw its own rows only, measured 9.8e-5 relative off one device's loss on 2x2."""
     for r in mh.torch_sharded_rows(mesh):
-        assert r.passed and "Shard(dim=0)" in r.config["experts_placement"], r
+        assert r.passed and "Shard(dim=0)" in r.config["splits"]["experts"], r
 
 
 def test_jax_bf16_training_keeps_the_router_in_float32():

@@ -35,13 +35,15 @@ def test_report_runs_the_flax_checks_without_torch(tmp_path):
     assert ran == {("golden", "golden->jax"), ("defaults", "golden->jax (current default config)"),
                    ("kv_cache", "jax: cached vs uncached")}  # fmt: skip
     skipped = {s["check"] for s in doc["skipped"]}
-    # the torch twin's golden, defaults and kv_cache rows, every row that needs both twins (the
-    # Llama block's two float64 forward rows and MoE routing too), and the float64 transformers rows
-    # (transformers' model is torch); hf_llama rows are float32 only, so none are planned here
+    # the torch twin's golden, defaults and kv_cache rows (the GPT's and the Llama preset's), every
+    # row that needs both twins (the Llama block's two float64 forward rows and MoE routing too),
+    # and the float64 transformers rows (transformers' model is torch); hf_llama rows are float32
+    # only, so none are planned here; the Llama preset's JAX kv_cache row runs
     assert skipped == {"forward", "attn_fused_vs_math", "golden", "defaults", "roundtrip", "kv_cache", "hf_gpt2",
                        "routing"}  # fmt: skip
     assert all("torch is not installed" in s["reason"] for s in doc["skipped"])
-    assert "3 passed, 0 failed, 18 skipped" in proc.stdout and "torch is not installed" in proc.stdout
+    assert "4 passed, 0 failed, 19 skipped" in proc.stdout and "torch is not installed" in proc.stdout
+    assert sorted(r["config"]["model"] for r in doc["results"] if r["check"] == "kv_cache") == ["gpt", "llama"]
 
 
 @pytest.mark.skipif(not HAVE_JAX, reason="jax/flax are not installed")
@@ -123,8 +125,9 @@ def test_a_crashed_worker_shows_its_cause_and_the_row_that_depends_on_it_says_so
 
     monkeypatch.setattr(sh, "run_worker", run_worker)
     monkeypatch.setattr(sh, "write_init", lambda path: None)
-    # the MoE sharded rows start their own workers (moe_harness), not sh.run_worker: not this test's
+    # the MoE and Llama sharded rows start their own workers (sharded_rows), not sh.run_worker: not this test's
     monkeypatch.setattr(parity_report, "moe_sharded_plan", lambda: iter(()))
+    monkeypatch.setattr(parity_report, "llama_sharded_plan", lambda: iter(()))
     assert parity_report.main(["--quiet", "--only", "sharded", "--dtypes", "float32"]) == 1
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sharded")]
     assert len(rows) == 2, rows
@@ -147,8 +150,10 @@ def test_skip_training_help_names_the_checks_it_leaves_out_and_those_it_runs(cap
     others = {p.check for p in pr.plan(dtypes, [4], ["cpu"], {"cpu": None})} | {p.check for p in pr.hf_plan(dtypes)}
     others |= {p.check for p in pr.llama_plan(dtypes, skip_training=True)}
     assert "hf_llama" in others
-    # --skip-training leaves out the Llama rows that train and keeps the rest
-    assert {p.check for p in pr.llama_plan(dtypes, skip_training=False)} - others == {"grad", "train_step"}
+    # --skip-training leaves out the Llama rows that train and keeps the rest (its kv_cache rows too)
+    assert {p.check for p in pr.llama_plan(dtypes, skip_training=False)} - others == {"grad", "train_step", "resume",
+                                                                                       "generate"}  # fmt: skip
+    assert "kv_cache" in {p.check for p in pr.llama_plan(dtypes, skip_training=True)}
     assert training == set(pr.TRAINING_CHECKS)
     assert all(name in left_out for name in training) and "sharded" in left_out
     assert all(name in still_run for name in others), (others, still_run)

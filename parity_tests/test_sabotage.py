@@ -235,6 +235,30 @@ def _top_k_keeps_one_more(monkeypatch):
     monkeypatch.setattr(tg, "sample", sample)
 
 
+def test_llama_generate_row_names_a_top_k_keeping_one_more(monkeypatch):
+    from twin_parity import llama_harness as lh
+
+    _top_k_keeps_one_more(monkeypatch)
+    r = lh.generate_check("top_k")
+    assert not r.passed and r.config["model"] == "llama"
+    assert r.first_divergence.startswith("torch row ") and r.first_divergence.endswith("outside the top-k/top-p set")
+
+
+def test_llama_resume_row_names_a_dropped_optimizer_step_count(monkeypatch):
+    """The resumed trainer starts its step count at 0 (the checkpoint's step dropped on the way
+    in): the learning-rate schedule and Adam's bias correction restart. The row names the count,
+    the cause, not the parameter that moved most because of it."""
+    import torch_impl.train as tt
+    from twin_parity import llama_harness as lh
+
+    honest = tt.Trainer.load
+    monkeypatch.setattr(tt.Trainer, "load", lambda self, weights, optim, step: honest(self, weights, optim, 0))
+    r = lh.resume_check("jax")  # 10 steps in JAX, resumed in torch
+    assert not r.passed and r.first_divergence == "optimizer step count", r.divergence_detail
+    assert r.divergence_detail == "optimizer step count: torch resumed at step 0, the checkpoint was saved at 10"
+    assert r.max_abs_err > r.tolerance  # and the weights did move apart
+
+
 def _cells(out: str) -> list[tuple[str, str]]:
     """(row, first-divergence cell) of every row of the report's table."""
     lines = out.splitlines()
@@ -280,8 +304,12 @@ def test_report_names_each_planted_bug_in_its_row(monkeypatch, capsys):
     assert len(failed["defaults"]) == 2 and all(
         c.startswith("ln_1: ") and c.endswith("default changed: ln_eps 1e-06 (golden 1e-05)") for _, c in failed["defaults"])
     assert len(failed["hf_gpt2"]) == 2 and all("eps=0.001" in l and c.startswith("blocks.0: ") for l, c in failed["hf_gpt2"])
-    [(line, cell)] = failed["kv_cache"]
-    assert "torch:" in line and cell.startswith("row 0 position 7 (decode step 3; rule: the first position over the bound")
+    # the stuck slot is the torch twin's KVCache: the GPT's row and the Llama preset's row both fail
+    assert sorted(line.split()[1] for line, _ in failed["kv_cache"]) == ["gpt", "llama"], failed["kv_cache"]
+    for line, cell in failed["kv_cache"]:
+        assert "torch:" in line and "(decode step 3; rule: the first position over the bound" in cell, cell
+    [gpt] = [cell for line, cell in failed["kv_cache"] if line.split()[1] == "gpt"]
+    assert gpt.startswith("row 0 position 7 (decode step 3; rule: the first position over the bound"), gpt
 
 
 # ------------------------------------------------------------ shared training rules (optimizer_vs_f64)

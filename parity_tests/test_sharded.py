@@ -413,3 +413,19 @@ def test_workers_write_the_rows_parity_report_announces(jax_default, torch_doc):
     assert len(jax_default["results"]) == sh.ROWS_PER_MESH * len(DEFAULT_JAX)
     assert len(torch_doc("1x2")["results"]) == sh.ROWS_PER_MESH + sh.ROWS_PER_RESUME
     assert len(torch_doc("2x2")["results"]) == sh.ROWS_PER_MESH
+
+
+def test_llama_torch_sharded_rows_fail_on_kv_heads_tiled(monkeypatch):
+    """The torch twin's repeat_kv tiles the key/value heads (kv0 kv1 kv0 kv1) instead of repeating
+    each for its group (kv0 kv0 kv1 kv1). On model=2 each rank holds one key/value head, where the
+    two agree, while one device pairs query heads 1 and 2 with the wrong head: the Llama sharded
+    rows of torch fail, forward first. (The gloo ranks are forked: they run the patched twin too.)"""
+    import torch_impl.block as tb
+    from twin_parity import llama_harness as lh
+
+    monkeypatch.setattr(tb, "repeat_kv", lambda k, group: k.repeat(1, group, 1, 1))
+    rows = lh.torch_sharded_rows()
+    assert [(r.check, r.passed, r.first_divergence) for r in rows] == [
+        ("sharded_forward", False, "sharded_forward"), ("sharded_train_step", False, "sharded_train_step")]
+    assert rows[0].max_abs_err > 100 * rows[0].tolerance, rows[0]
+

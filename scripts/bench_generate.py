@@ -1,26 +1,29 @@
 """Generation benchmark: prefill time and decode tokens/s of both twins, with and without the KV
-cache, next to transformers' GPT-2 ``generate`` on the same weights, in one process.
+cache, next to transformers' ``generate`` (GPT-2 or Llama, as the model) on the same weights, in one
+process.
 
     python -m scripts.bench_generate                                  # small-4x128 and GPT-2 124M shape
     python -m scripts.bench_generate --models small-4x128 --batches 1 # a quick run
     python -m scripts.bench_generate --models gpt2 --new-tokens 32    # fewer decode steps
+    python -m scripts.bench_generate --models smollm2-135m --batches 1 # SmolLM2-135M's shape (Llama)
+    python -m scripts.bench_generate --models llama-tiny --prompt-len 16 --new-tokens 32  # context 64
     python -m scripts.bench_generate --models gpt2 --device cuda --torch-compile default reduce-overhead \
         --hf-static --no-uncached                                     # on a GPU, every fast path
 
 For each model and batch size: the cached path (one prefill of the prompt, then one token per
 step; greedy), the naive path (a full forward over the whole context for every token: its cost
 per token is measured at the final context length, prompt + new tokens), and transformers'
-GPT2LMHeadModel.generate with its own cache (when transformers is installed; --hf-static adds its
-fastest path, a static cache with the forward under torch.compile, "reduce-overhead" on CUDA: the
-fair anchor for the compiled twins). --torch-compile adds the torch twin's step under torch.compile
-in each mode given. --device places torch and transformers there and JAX on that kind of device
-(auto: a GPU when present, for both). On a known GPU each row's ms/token sits beside the
-weight-read floor: the parameters' bytes over the memory bandwidth, what one token must at least
-cost at batch 1 (each step reads every weight once). The weights are
-the same in all three (random, converted through the project's table and a GPT-2 mapping). Every
-path is warmed up first (the JAX step and torch.compile compile there), and the benchmark checks
-that the timed JAX call compiled nothing. Ratios come from the same run; on a shared machine the
-absolute figures move, the ratios much less.
+generate with its own cache, GPT2LMHeadModel's or LlamaForCausalLM's as the model's family (when
+transformers is installed; --hf-static adds its fastest path, a static cache with the forward
+under torch.compile, "reduce-overhead" on CUDA: the fair anchor for the compiled twins).
+--torch-compile adds the torch twin's step under torch.compile in each mode given. --device places
+torch and transformers there and JAX on that kind of device (auto: a GPU when present, for both).
+On a known GPU each row's ms/token sits beside the weight-read floor: the parameters' bytes over
+the memory bandwidth, what one token must at least cost at batch 1 (each step reads every weight
+once). The weights are the same in all three (random, converted through the project's table and
+the transformers mapping). Every path is warmed up first (the JAX step and torch.compile compile
+there), and the benchmark checks that the timed JAX call compiled nothing. Ratios come from the
+same run; on a shared machine the absolute figures move, the ratios much less.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from twin_common.presets import presets
 from twin_common.generation import Sampling
 from twin_common.precision import matched_precision
 
-# small-4x128: byte-level, context for prompt 128 + 128 new tokens; gpt2: GPT-2 124M's shape, random weights
-MODELS = presets("small-4x128", "gpt2")
+# small-4x128: byte-level, context for prompt 128 + 128 new tokens; gpt2: GPT-2 124M's shape; llama-tiny:
+# the Llama block, byte-level, context 64; smollm2-135m: SmolLM2-135M's shape; random weights in all
+MODELS = presets("small-4x128", "gpt2", "llama-tiny", "smollm2-135m")
 GREEDY = Sampling(temperature=0.0)
 # memory bandwidth in TB/s (vendor datasheets: H100 SXM 3.35, H200 4.8, A100 80GB SXM 2.039)
 BANDWIDTH_TBS = {"H200": 4.8, "H100": 3.35, "A100": 2.039}
@@ -58,16 +62,16 @@ def build(cfg: GPTConfig, with_hf: bool, device: str = "cpu"):
     wc.import_(models["jax"], weights)
     models["jax"].eval()
     models["torch"].to(device)
-    if with_hf:  # the same weights written as a transformers GPT-2 directory, read back by transformers
+    if with_hf:  # the same weights written as a transformers directory (GPT-2 or Llama), read back by transformers
         import tempfile
 
-        from transformers import GPT2LMHeadModel
+        from transformers import AutoModelForCausalLM
 
-        from weight_conversion.hf_gpt2 import export_hf_gpt2
+        from weight_conversion.hf_families import export_hf, family_of
 
         with tempfile.TemporaryDirectory() as folder:
-            export_hf_gpt2(models["torch"], folder)
-            models["hf"] = GPT2LMHeadModel.from_pretrained(folder).eval().to(device)
+            export_hf(family_of(cfg), models["torch"], folder)
+            models["hf"] = AutoModelForCausalLM.from_pretrained(folder).eval().to(device)
     return models
 
 
@@ -230,7 +234,7 @@ def main(argv=None) -> int:
     print(f"# {versions}; {gpu or 'CPU'} (torch, transformers), JAX on {jax_device.platform}; torch threads "
           f"{torch.get_num_threads()}; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, float32"
           + (f"; weight-read floor at {bandwidth} TB/s" if bandwidth else ""))  # fmt: skip
-    header = (f"{'model':6} {'B':>2} {'path':38} {'prefill ms':>10} {'ms/token step':>13} {'tokens/s':>9} "
+    header = (f"{'model':12} {'B':>2} {'path':38} {'prefill ms':>10} {'ms/token step':>13} {'tokens/s':>9} "
               f"{'floor ms':>8}  notes")  # fmt: skip
     print(header)
     print("-" * len(header))
@@ -285,7 +289,7 @@ def _row(name: str, B: int, path: str, r: dict, rows: dict, length: int, floor: 
             notes.append("tokens = transformers'" if same else "tokens differ from transformers'")
     prefill = f"{r['prefill_ms']:10.2f}" if "prefill_ms" in r else f"{'-':>10}"
     floor_text = f"{floor:8.3f}" if floor is not None else f"{'-':>8}"
-    return (f"{name:6} {B:>2} {path:38} {prefill} {r['ms_per_step']:13.3f} {r['tokens_per_s']:9.1f} {floor_text}  "
+    return (f"{name:12} {B:>2} {path:38} {prefill} {r['ms_per_step']:13.3f} {r['tokens_per_s']:9.1f} {floor_text}  "
             + "; ".join(notes))  # fmt: skip
 
 

@@ -5,6 +5,7 @@
     python -m scripts.bench_train --profile             # and the top ops of each framework's step
     python -m scripts.bench_train --threads 1           # both frameworks on one core
     python -m scripts.bench_train --model gpt2-padded --bf16   # GPT-2 124M shape, 16 x 1024 tokens
+    python -m scripts.bench_train --model smollm2-135m --bf16  # SmolLM2-135M's shape, 2 x 8192 tokens
     python -m scripts.bench_train --model gpt2-padded --bf16 --attention cudnn library   # each attention kernel
     python -m scripts.bench_train --mesh data=2,model=2 --cpu-devices 8   # JAX sharded, + collectives
 
@@ -44,13 +45,15 @@ from twin_common import GPTConfig  # noqa: E402
 from twin_common.presets import presets  # noqa: E402
 from twin_common.train_config import TrainConfig  # noqa: E402
 
-MODELS = {name: (cfg, 16) for name, cfg in presets("small", "wide", "gpt2-padded").items()}  # (config, batch)
+MODELS = {name: (cfg, 16) for name, cfg in presets("small", "wide", "gpt2-padded", "llama-tiny").items()}  # (config, batch)
 MODELS["mixtral-small"] = (presets("mixtral-small")["mixtral-small"], 4)
+MODELS["smollm2-135m"] = (presets("smollm2-135m")["smollm2-135m"], 2)  # 2 x 8192 tokens a step
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
 
 def flops_per_token(cfg: GPTConfig, seq_len: int, n_params: int) -> float:
-    n = n_params - cfg.block_size * cfg.d_model  # without wpe, as nanoGPT counts
+    # without wpe, as nanoGPT counts (a rotary model has none to leave out)
+    n = n_params - (cfg.block_size * cfg.d_model if cfg.pos == "learned" else 0)
     return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.d_head * seq_len
 
 
@@ -205,7 +208,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--model", choices=sorted(MODELS), default="small")
-    p.add_argument("--batch-size", type=int, help="default: 16")
+    p.add_argument("--batch-size", type=int, help="default: the model's (16; mixtral-small 4, smollm2-135m 2)")
     p.add_argument("--seq-len", type=int, help="default: the model's block_size")
     p.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")

@@ -26,14 +26,17 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
                       skipped, with the reason, where transformers is not installed
   kv_cache            within each framework: cached generation against the uncached forward at every
                       position of a left-padded batch, float32 and float64
-  generate            torch vs JAX on a briefly trained GPT: per-step logits and the greedy and
-                      sampled tokens (72 steps, same seed)
+  generate            torch vs JAX on a briefly trained GPT: per-step logits and the greedy, top-k
+                      and sampled tokens (72 steps, same seed)
   llama               the Llama preset (GPTConfig.llama_tiny's block: RMSNorm, rotary positions, 4
                       query heads sharing 2 key/value heads, SwiGLU): its "llama" rows of forward
-                      (every dtype; both rope layouts in float32), grad and train_step are the dense
-                      checks run on the Llama config; in bfloat16 each twin's Llama block alone
-                      against float64 (sublayers_vs_f64) and its rotary cos/sin at 4096 positions
-                      (rope_vs_f64)
+                      (every dtype; both rope layouts in float32), grad, train_step, resume, kv_cache
+                      (float32 and float64, the left-padded batch) and generate (a briefly trained
+                      llama_tiny) are the dense checks run on the Llama config; its sharded_forward
+                      and sharded_train_step (5 steps) rows put it on data=2, model=2 (key/value
+                      heads over model) against one device; in bfloat16 each twin's Llama block
+                      alone against float64 (sublayers_vs_f64) and its rotary cos/sin at 4096
+                      positions (rope_vs_f64)
   hf_llama            transformers' LlamaForCausalLM imported into each twin: logits and every
                       block's hidden state, grouped (2 kv heads) and multi-head, half-split and
                       interleaved rope (float32; skipped where transformers is not installed)
@@ -145,8 +148,11 @@ def hf_plan(dtypes):
 def llama_plan(dtypes, skip_training: bool):
     """Rows for the Llama block (twin_parity/llama_harness.py: llama_tiny's RMSNorm, rotary positions,
     grouped-query attention, SwiGLU): forward in each dtype (half-split rope; interleaved too in
-    float32); unless --skip-training, gradients and AdamW of the llama GPT; transformers'
-    LlamaForCausalLM against each twin (float32, grouped and multi-head, both rope layouts)."""
+    float32); each twin's KV cache against its uncached forward (float32, float64); unless
+    --skip-training, gradients, AdamW, a cross-framework resume and generation of the llama GPT;
+    transformers' LlamaForCausalLM against each twin (float32, grouped and multi-head, both rope
+    layouts). Its sharded rows come with the other sharded rows (llama_sharded_plan)."""
+    from twin_parity import generate_harness as gh
     from twin_parity import hf_harness as hh
     from twin_parity import llama_harness as lh
 
@@ -163,6 +169,10 @@ def llama_plan(dtypes, skip_training: bool):
                               lambda f=framework, i=impl: lh.bf16_sublayer_check(f, i))  # fmt: skip
             yield Planned(f"llama bf16 rope vs float64 {framework} ({lh.ROPE_POSITIONS} positions)", "rope_vs_f64",
                           (framework,), lambda f=framework: lh.rope_check(f))  # fmt: skip
+    for dtype in (d for d in dtypes if d in ("float32", "float64")):
+        for fw in both:
+            yield Planned(f"llama kv_cache {fw} cached vs uncached {dtype}", "kv_cache", (fw,),
+                          lambda f=fw, d=dtype: lh.kv_cache_check(f, d))  # fmt: skip
     if not skip_training:
         for dtype in (d for d in dtypes if d in ("float32", "float64")):
             for direction in h.DIRECTIONS:
@@ -172,6 +182,12 @@ def llama_plan(dtypes, skip_training: bool):
             for direction in h.DIRECTIONS:
                 yield Planned(f"llama train_step 20 x AdamW {direction}", "train_step", both,
                               lambda r=direction: lh.trajectory_check(r))  # fmt: skip
+            for first in both:
+                yield Planned(f"llama resume 10 + 10 steps from {first}", "resume", both,
+                              lambda f=first: lh.resume_check(f))  # fmt: skip
+            for sampling in gh.SAMPLINGS:  # trains llama_tiny (80 steps, once) first
+                yield Planned(f"llama generate torch<->jax {sampling}", "generate", both,
+                              lambda s=sampling: lh.generate_check(s))  # fmt: skip
     for fw in both if "float32" in dtypes else ():
         needs = ("torch", "transformers") + (("jax",) if fw == "jax" else ())
         for n_kv, layout, overrides in lh.HF_VARIANTS:
@@ -266,10 +282,24 @@ def moe_sharded_plan():
 
     both = ("torch", "jax")
     yield Planned("moe sharded jax 1x2, 2x2 (experts over model)", "sharded", both,
-                  lambda: [h.Result(**r) for r in mh.run_jax_sharded()], 2 * len(mh.SHARDED_MESHES))  # fmt: skip
+                  mh.run_jax_sharded, 2 * len(mh.SHARDED_MESHES))  # fmt: skip
     for mesh in ((1, 2), (2, 2)):
         yield Planned(f"moe sharded torch {mesh[0]}x{mesh[1]} (gloo processes, experts over model)", "sharded",
                       both, lambda m=mesh: mh.torch_sharded_rows(m), 2)  # fmt: skip
+
+
+def llama_sharded_plan():
+    """The Llama sharded rows: JAX on 2x2 simulated devices in a subprocess, torch on 2x2 (gloo
+    processes), forward and training against one device, key/value heads over model."""
+    from twin_parity import llama_harness as lh
+
+    both = ("torch", "jax")
+    meshes = ", ".join(f"{d}x{m}" for d, m in lh.SHARDED_MESHES)
+    yield Planned(f"llama sharded jax {meshes} (kv heads over model)", "sharded", both, lh.run_jax_sharded,
+                  2 * len(lh.SHARDED_MESHES))  # fmt: skip
+    for mesh in lh.SHARDED_MESHES:
+        yield Planned(f"llama sharded torch {mesh[0]}x{mesh[1]} (gloo processes, kv heads over model)", "sharded",
+                      both, lambda m=mesh: lh.torch_sharded_rows(m), 2)  # fmt: skip
 
 
 def _still_run() -> str:
@@ -481,7 +511,7 @@ def main(argv=None) -> int:
     if args.only and "sharded" not in args.only:
         skipped_sharded = "--only"
     if skipped_sharded is None and "float32" in args.dtypes:
-        checks += list(sharded_plan()) + list(moe_sharded_plan())
+        checks += list(sharded_plan()) + list(moe_sharded_plan()) + list(llama_sharded_plan())
     elif not args.quiet and "float32" in args.dtypes:
         print(f"sharded rows skipped: {skipped_sharded}", file=sys.stderr)
     if not args.quiet:

@@ -354,12 +354,15 @@ class GPTConfig(DictConfig):
 
     @classmethod
     def smollm2_135m(cls) -> "GPTConfig":
-        """SmolLM2-135M's shapes (HuggingFaceTB/SmolLM2-135M config.json): 30 layers, 576 wide, 9
-        query heads and 3 key/value heads of 64, SwiGLU width 1536, vocabulary 49152, rope_theta
-        100000, RMSNorm eps 1e-5, head tied to the embedding. For benchmarks with random weights;
-        block_size 2048 (the model's own 8192 is longer than any benchmark here)."""
-        return cls.llama(vocab_size=49152, block_size=2048, n_layers=30, d_model=576, n_heads=9, n_kv_heads=3,
-                         mlp_hidden=1536, rope_theta=100000.0, tie_embeddings=True)  # fmt: skip
+        """SmolLM2-135M's shapes, as its config.json gives them (https://huggingface.co/HuggingFaceTB/
+        SmolLM2-135M/blob/main/config.json; read here through copies that name it as their source,
+        e.g. https://huggingface.co/jucanbe/SmolLM2-FT-DPO/blob/fbda8d99fea4cfaa73c6feabae4cb983dabc60d7/
+        config.json): hidden_size 576, num_hidden_layers 30, num_attention_heads 9,
+        num_key_value_heads 3 (head_dim 64), intermediate_size 1536, vocab_size 49152, rms_norm_eps
+        1e-5, rope_theta 100000, tie_word_embeddings true, max_position_embeddings 8192. SmolLM
+        (version 1) differs: context 2048, rope_theta 10000. For benchmarks, with random weights."""
+        return cls.llama(vocab_size=49152, block_size=8192, n_layers=30, d_model=576, n_heads=9, n_kv_heads=3,
+                         mlp_hidden=1536, ln_eps=1e-5, rope_theta=100000.0, tie_embeddings=True)  # fmt: skip
 
     @classmethod
     def nanogpt_124m_padded(cls) -> "GPTConfig":

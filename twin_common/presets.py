@@ -22,6 +22,9 @@ PRESETS: dict[str, GPTConfig] = {
     # the Llama block (RMSNorm, rotary positions, grouped-query attention, SwiGLU, no biases) and
     # its routed-MLP form, byte-level; Mixtral's proportions at a size a benchmark can run
     "llama-tiny": GPTConfig.llama_tiny(),
+    # SmolLM2-135M's shape (30 layers of 576, 9 query heads sharing 3 key/value heads, vocabulary
+    # 49152, context 8192, tied head): a real small Llama for the benchmarks, random weights
+    "smollm2-135m": GPTConfig.smollm2_135m(),
     "moe-tiny": GPTConfig.moe_tiny(),  # 4 SwiGLU experts, top-2, router losses in the training loss
     "mixtral-small": GPTConfig.mixtral_small(),  # dense-masked dispatch runs all 8 experts per token
 }

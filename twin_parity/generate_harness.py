@@ -3,8 +3,9 @@
 kv_cache_check: within one framework, the logits of cached generation (a left-padded batch of
     prompts of different lengths, prefill then one token per step, up to the full block) against
     the uncached forward of each row alone, at every generated position.
-generate_check: across frameworks, on a briefly trained GPT, per-step logits and the tokens of
-    greedy and sampled generation (64+ steps) from the same seed.
+generate_check: across frameworks, on a briefly trained model of a given config (the GPT's
+    TRAINED_CFG, the Llama preset's, the MoE preset's), per-step logits and the tokens of greedy,
+    top-k and sampled generation (64+ steps) from the same seed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from twin_parity import harness as h
 from twin_parity import train_harness as th
 from twin_common import GPTConfig
 from twin_common.generation import (
-    LOGIT_TOL, Generation, Sampling, compare_generations, decision_margin, kept_probabilities,
+    LOGIT_TOL, Generation, Sampling, compare_generations, decision_margin, kept_probabilities, layout,
 )
 from twin_common.precision import matched_precision
 from twin_common.tolerances import tolerance_for
@@ -32,6 +33,8 @@ CACHE_PROMPTS = ([3, 1, 4, 1, 5], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4], [9])  # len
 # at 0.1 the logits peak at 3.6 and the errors are 2.3e-6 and 2.0e-6 (2-core CPU, float32).
 LLAMA_CACHE_CFG = dataclasses.replace(GPTConfig.llama_tiny(), block_size=32, init_std=0.1)
 TRAINED_CFG = GPTConfig(vocab_size=256, block_size=96, n_layers=2, d_model=64, n_heads=4)
+# The Llama preset for generate_check: llama_tiny (byte-level, 2 layers of 64) with the same context
+LLAMA_TRAINED_CFG = dataclasses.replace(GPTConfig.llama_tiny(), block_size=96)
 GEN_PROMPTS = (b"The cat ", b"12+7=")
 GEN_STEPS = 72  # >= 64 new tokens; 8 + 72 <= block_size 96
 SAMPLINGS = {
@@ -40,6 +43,11 @@ SAMPLINGS = {
     # top-k alone: in "sampled" top_p=0.95 does all the cutting, so a top-k that keeps k + 1 passes it
     "top_k": Sampling(temperature=1.0, top_k=5),
 }
+
+
+def model_name(cfg: GPTConfig) -> str:
+    """The report's model column for a GPT config: "moe", "llama" (rotary positions) or "gpt"."""
+    return "moe" if cfg.mlp == "moe" else "llama" if cfg.pos == "rope" else "gpt"
 
 
 def new_pair_models(cfg: GPTConfig, dtype: str, seed: int = 0):
@@ -119,17 +127,18 @@ def kv_cache_check(
         direction=f"{framework}: cached vs uncached", max_abs_err=worst,
         max_rel_err=worst / peak if peak else 0.0, tolerance=tol, passed=first is None,
         first_divergence=first, divergence_detail=detail,
-        config={"model": "moe" if cfg.mlp == "moe" else "llama" if cfg.pos == "rope" else "gpt", "attn_impl": attn_impl,
+        config={"model": model_name(cfg), "attn_impl": attn_impl,
                 "n_layers": cfg.n_layers, "d_model": cfg.d_model,
-                "prompt_lengths": [len(p) for p in CACHE_PROMPTS], "new_tokens": n_new},
+                "prompt_lengths": [len(p) for p in CACHE_PROMPTS], "new_tokens": n_new,
+                "first_real_slots": layout([list(p) for p in CACHE_PROMPTS], cfg.block_size).start.tolist()},
     )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=None)
-def trained_weights(steps: int = 80) -> dict:
-    """TRAINED_CFG after ``steps`` AdamW steps (torch) on the generated corpus: a model whose
-    next-token distributions are peaked, as real ones are (untrained logits are near-uniform and
-    would make token identity easy)."""
+def trained_weights(cfg: GPTConfig = TRAINED_CFG, steps: int = 80) -> dict:
+    """``cfg`` after ``steps`` AdamW steps (torch) on the generated corpus, once per config: a model
+    whose next-token distributions are peaked, as real ones are (untrained logits are near-uniform
+    and would make token identity easy)."""
     import torch
 
     from torch_impl.train import Trainer
@@ -142,26 +151,27 @@ def trained_weights(steps: int = 80) -> dict:
         torch.manual_seed(0)
         from torch_impl.gpt import GPT
 
-        trainer = Trainer(GPT(TRAINED_CFG), tcfg)
+        trainer = Trainer(GPT(cfg), tcfg)
         for step in range(steps):
             trainer.step(*D.batch(train, tcfg.batch_size, tcfg.seq_len, tcfg.seed, step))
         return wc.export(trainer.model)
 
 
-def trained_pair(torch_device: str = "cpu", jax_device=None):
-    torch_model, flax_model = new_pair_models(TRAINED_CFG, "float32")
-    weights = trained_weights()
+def trained_pair(torch_device: str = "cpu", jax_device=None, cfg: GPTConfig = TRAINED_CFG):
+    torch_model, flax_model = new_pair_models(cfg, "float32")
+    weights = trained_weights(cfg)
     wc.import_(torch_model, weights)
     wc.import_(flax_model, weights)
     return th.place(torch_model, flax_model, torch_device, jax_device)
 
 
 def generate_pair(
-    sampling_name: str, seed: int = 0, torch_device: str = "cpu", jax_device=None
+    sampling_name: str, seed: int = 0, torch_device: str = "cpu", jax_device=None, cfg: GPTConfig = TRAINED_CFG
 ) -> tuple[Generation, Generation, dict]:
     sampling = SAMPLINGS[sampling_name]
     with matched_precision():
-        torch_model, flax_model = trained_pair(torch_device, jax_device)
+        torch_model, flax_model = trained_pair(torch_device, jax_device, cfg)
+        flax_model.eval()
         a = _run("torch", torch_model, GEN_PROMPTS, GEN_STEPS, sampling, seed)
         b = _run("jax", flax_model, GEN_PROMPTS, GEN_STEPS, sampling, seed)
     return a, b, compare_generations(a, b, sampling)
@@ -181,8 +191,14 @@ def outside_the_filters(gen: Generation, sampling: Sampling) -> tuple[int, int] 
     return None
 
 
-def generate_check(sampling_name: str, seed: int = 0, torch_device: str = "cpu", jax_device=None) -> h.Result:
-    a, b, report = generate_pair(sampling_name, seed, torch_device, jax_device)
+def generate_check(
+    sampling_name: str, seed: int = 0, torch_device: str = "cpu", jax_device=None, cfg: GPTConfig = TRAINED_CFG
+) -> h.Result:
+    """Both twins generate from ``cfg`` trained briefly (trained_weights, once per config): per-step
+    logits within the float32 tolerance and the same tokens, or a first difference explained by an
+    undecidable step (twin_common.generation.compare_generations); every sampled token inside the
+    float64 top-k / top-p set of its own twin's logits (outside_the_filters)."""
+    a, b, report = generate_pair(sampling_name, seed, torch_device, jax_device, cfg)
     tol = tolerance_for("float32").atol
     outside = {fw: outside_the_filters(g, SAMPLINGS[sampling_name]) for fw, g in (("torch", a), ("jax", b))}
     passed = (report["identical"] or report["explained"]) and report["max_logit_diff"] <= tol
@@ -206,6 +222,6 @@ def generate_check(sampling_name: str, seed: int = 0, torch_device: str = "cpu",
         jax_device=th._jax_name(jax_device), direction=f"torch<->jax {sampling_name}", max_abs_err=report["max_logit_diff"],
         max_rel_err=report["max_logit_diff"] / peak, tolerance=tol, passed=passed,
         first_divergence=divergence,
-        config={"model": "gpt", "sampling": SAMPLINGS[sampling_name].__dict__, "seed": seed,
+        config={"model": model_name(cfg), "sampling": SAMPLINGS[sampling_name].__dict__, "seed": seed,
                 "tokens_identical": report["identical"], "steps": GEN_STEPS, "trained": True},
     )  # fmt: skip

@@ -3,9 +3,12 @@
 The Llama preset (``GPTConfig.llama_tiny``: RMSNorm, rotary positions, 4 query heads sharing 2
 key/value heads, SwiGLU, no biases, untied head) through the dense checks, each given the Llama
 config: forward (its block at the lesson's (5, 8, 128) input, ``harness.forward_check``),
-gradients (``train_harness.grad_check``) and a 20-step AdamW trajectory
-(``train_harness.trajectory_check``) of the GPT. transformers' LlamaForCausalLM against each twin
-is ``hf_harness.hf_llama_check``.
+gradients (``train_harness.grad_check``), a 20-step AdamW trajectory
+(``train_harness.trajectory_check``) and a cross-framework resume (``train_harness.resume_check``)
+of the GPT, cached against uncached generation on a left-padded batch
+(``generate_harness.kv_cache_check``) and generation across frameworks on a briefly trained model
+(``generate_harness.generate_check``). transformers' LlamaForCausalLM against each twin is
+``hf_harness.hf_llama_check``; the GPT on (data, model) meshes is ``sharded_rows``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import dataclasses
 
 import numpy as np
 
+from twin_parity import generate_harness as gh
 from twin_parity import harness as h
+from twin_parity import sharded_rows as sr
 from twin_parity import train_harness as th
 from twin_common import GPTConfig
 
@@ -112,3 +117,39 @@ def rope_check(framework: str) -> h.Result:
         "rope_vs_f64", [ROPE_POSITIONS, hs // 2], "bfloat16", *device, f"{framework} vs float64", worst, worst,
         ROPE_BF16_BOUND, first is None, first, detail, config={**_summary(cfg), "rope_theta": cfg.rope_theta},
     )  # fmt: skip
+
+
+def resume_check(first: str) -> h.Result:
+    """10 steps in ``first``, a checkpoint, 10 in the other framework, against 10 + 10 there; the
+    final parameters within LLAMA_WEIGHT_TOLERANCE (the train_step rows' reason: the near-zero
+    down_proj gradient entry, whose Adam updates differ by rounding noise from step 0)."""
+    r = th.resume_check(first, cfg=LLAMA_GPT, weight_tolerance=LLAMA_WEIGHT_TOLERANCE)
+    r.config["model"] = "llama"
+    return r
+
+
+def kv_cache_check(framework: str, dtype: str = "float32") -> h.Result:
+    """Cached vs uncached on generate_harness.LLAMA_CACHE_CFG: its left-padded batch of three prompts
+    (lengths 5, 11, 1) puts the short rows' first tokens at slots 6 and 10, position 0 each."""
+    return gh.kv_cache_check(framework, dtype, base=gh.LLAMA_CACHE_CFG)
+
+
+def generate_check(sampling_name: str, seed: int = 0) -> h.Result:
+    return gh.generate_check(sampling_name, seed, cfg=gh.LLAMA_TRAINED_CFG)
+
+
+# ------------------------------------------------------------------------------ tensor parallelism
+
+# (data, model): llama_tiny's 2 key/value heads and 4 query heads split over model=2, one key/value
+# head and its 2 query heads per device, the batch over data=2
+SHARDED_MESHES = ((2, 2),)
+
+
+def run_jax_sharded() -> list[h.Result]:
+    """LLAMA_GPT on SHARDED_MESHES of simulated CPU devices against one device (sharded_rows)."""
+    return sr.run_jax_sharded(LLAMA_GPT, SHARDED_MESHES)
+
+
+def torch_sharded_rows(mesh: tuple[int, int] = SHARDED_MESHES[0]) -> list[h.Result]:
+    """LLAMA_GPT on ``mesh`` (gloo processes, q/k/v by heads over model) against one device."""
+    return sr.torch_sharded_rows(LLAMA_GPT, mesh)

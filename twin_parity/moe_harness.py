@@ -16,9 +16,9 @@ import numpy as np
 
 from twin_parity import generate_harness as gh
 from twin_parity import harness as h
+from twin_parity import sharded_rows as sr
 from twin_parity import train_harness as th
 from twin_common import GPTConfig
-from twin_common.generation import compare_generations
 from twin_common.moe import compare_routing
 from twin_common.precision import matched_precision
 from twin_common.tolerances import tolerance_for
@@ -27,11 +27,14 @@ from twin_common.tolerances import tolerance_for
 MOE_BLOCK = dataclasses.replace(GPTConfig.moe_tiny().block_config(), d_model=128, block_size=8, mlp_hidden=96)
 # The GPT for gradients, training and resume: moe_tiny at block 16 and vocabulary 64 (cheap on CPU).
 MOE_GPT = dataclasses.replace(GPTConfig.moe_tiny(), vocab_size=64, block_size=16)
-# The GPT for the KV cache and generation: init_std 0.1 for logits of O(1) (peak 3.2; at normal(0,
+# The GPT for the KV cache: init_std 0.1 for logits of O(1) (peak 3.2; at normal(0,
 # 0.02) they are near-uniform and hide cache errors). generate_harness.CACHE_CFG's 0.2 gives this
 # model logits of peak 6.1, and float32 rounding at that size alone (relative 2.8e-6, measured)
 # reaches 1.7e-5 absolute, over the 1e-5 tolerance without any bug.
 MOE_CACHE = dataclasses.replace(GPTConfig.moe_tiny(), block_size=32, init_std=0.1)
+# The GPT for generation across frameworks: moe_tiny with the context generate_harness's GPT has
+# (96: 8 prompt + 72 new tokens), trained briefly (generate_harness.trained_weights)
+MOE_TRAINED = dataclasses.replace(GPTConfig.moe_tiny(), block_size=96)
 ROUTING_SHAPE = (64, 8, 128)  # 512 tokens: enough for the bfloat16 count of undecidable tokens to mean something
 
 
@@ -83,30 +86,7 @@ def kv_cache_check(framework: str, dtype: str = "float32") -> h.Result:
 
 
 def generate_check(sampling_name: str, seed: int = 0) -> h.Result:
-    """Both twins generate from one converted MoE model (random weights, init_std 0.1): per-step
-    logits within the float32 tolerance and the same tokens, or a first difference explained by
-    an undecidable step (twin_common.generation.compare_generations); every sampled token inside
-    the float64 top-k / top-p set of its own twin's logits (generate_harness.outside_the_filters)."""
-    sampling = gh.SAMPLINGS[sampling_name]
-    with matched_precision():
-        t, j = th.converted_pair(MOE_CACHE, "float32", "torch->jax")
-        j.eval()
-        n = MOE_CACHE.block_size - max(len(p) for p in gh.GEN_PROMPTS)
-        a = gh._run("torch", t, gh.GEN_PROMPTS, n, sampling, seed)
-        b = gh._run("jax", j, gh.GEN_PROMPTS, n, sampling, seed)
-    report = compare_generations(a, b, sampling)
-    tol = tolerance_for("float32").atol
-    outside = {fw: gh.outside_the_filters(g, sampling) for fw, g in (("torch", a), ("jax", b))}
-    passed = (report["identical"] or report["explained"]) and report["max_logit_diff"] <= tol
-    passed = passed and not any(outside.values())
-    divergence = next((f"{fw} row {found[0]} token {found[1]} outside the top-k/top-p set"
-                       for fw, found in outside.items() if found), None if passed else "generation")  # fmt: skip
-    peak = float(np.max(np.abs(a.logits)))
-    return h.Result(
-        "generate", [len(gh.GEN_PROMPTS), n], "float32", "cpu", "cpu", f"torch<->jax {sampling_name}",
-        report["max_logit_diff"], report["max_logit_diff"] / peak, tol, passed, divergence,
-        config={"model": "moe", "tokens_identical": report["identical"], "steps": n},
-    )  # fmt: skip
+    return gh.generate_check(sampling_name, seed, cfg=MOE_TRAINED)
 
 
 def checks(skip_training: bool = False) -> list:
@@ -257,146 +237,16 @@ def hf_mixtral_check(framework: str, seed: int = 0, **config_overrides) -> h.Res
 SHARDED_MESHES = ((1, 2), (2, 2))  # (data, model); moe_tiny's 4 experts and 2 key/value heads split by 2
 
 
-def jax_sharded_rows() -> list[h.Result]:
-    """JAX on (data, model) meshes of simulated CPU devices against one device, in this process
-    (which must have started with XLA_FLAGS=--xla_force_host_platform_device_count >= 4): the
-    forward logits and 5 AdamW steps' losses. The experts split over ``model`` (whole experts per
-    device, the table's EXPERTS rows); GSPMD adds their partial outputs with one all-reduce."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from jax_impl import sharding as S
-    from jax_impl.gpt import GPT
-    from jax_impl.train import Trainer
-    from twin_common.mesh import MeshShape
-
-    cfg, tcfg, steps = MOE_GPT, th.TRAJECTORY, 5
-    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(steps)]
-    x = jnp.asarray(batches[0][0], jnp.int32)
-    rows = []
-    with matched_precision():
-        ref = np.asarray(GPT(cfg, rngs=nnx.Rngs(0))(x))
-        one = Trainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg)
-        ref_losses = [float(one.step(*b)[0]) for b in batches]
-        for mesh in SHARDED_MESHES:
-            m = S.make_mesh(MeshShape(*mesh))
-            forward, params, rest = S.make_forward(GPT(cfg, rngs=nnx.Rngs(0)), m)
-            err = float(np.max(np.abs(np.asarray(forward(params, rest, x)) - ref)))
-            trainer = S.ShardedTrainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg, m)
-            losses = [float(trainer.step(*b)[0]) for b in batches]
-            rel = max(abs(a - b) / abs(a) for a, b in zip(ref_losses, losses))
-            spec = str(trainer.params["blocks"][0]["mlp"]["experts"]["gate_proj"].sharding.spec)
-            for check, e in (("sharded_forward", err), ("sharded_train_step", rel)):
-                rows.append(h.Result(
-                    check, [tcfg.batch_size, tcfg.seq_len], "float32", None, "cpu", f"jax:1 device->jax:{mesh[0]}x{mesh[1]}",
-                    e, e, th.TRAIN_TOLERANCE, e <= th.TRAIN_TOLERANCE, None if e <= th.TRAIN_TOLERANCE else check,
-                    config={"model": "moe", "experts_spec": spec, "steps": steps},
-                ))  # fmt: skip
-    return rows
-
-
-def run_jax_sharded(timeout: float = 600) -> list[dict]:
-    """jax_sharded_rows in a subprocess with 4 simulated CPU devices; the rows as dicts."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "twin_parity.moe_harness", "jax-sharded"], env=env, cwd=repo,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    if proc.returncode:
-        raise RuntimeError(f"the sharded MoE worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _torch_ep_rank(rank: int, world: int, port: int, out: str, mesh: tuple[int, int]) -> None:
-    """One gloo process of the torch expert-parallel run: logits and 5 AdamW steps' losses of
-    MOE_GPT on ``mesh`` (data, model), written by rank 0 with the experts' placements."""
-    import json
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))  # what torchrun sets  # fmt: skip
-    import warnings
-
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # FSDP2's hooks, harmless here
-    import torch
-
-    from torch_impl import sharding as S
-    from torch_impl.gpt import GPT
-    from twin_common.mesh import MeshShape
-
-    torch.set_num_threads(1)
-    cfg, tcfg = MOE_GPT, th.TRAJECTORY
-    device_mesh = S.init_distributed(MeshShape(*mesh), cfg, batch_size=tcfg.batch_size, timeout_s=60)
-    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(5)]
-    torch.manual_seed(0)
-    model = S.shard_model(GPT(cfg), device_mesh).eval()
-    with torch.no_grad():
-        logits = model(torch.from_numpy(S.local_rows(batches[0][0], device_mesh))).numpy()
-    torch.manual_seed(0)
-    trainer = S.ShardedTrainer(GPT(cfg), tcfg, device_mesh)
-    losses = [float(trainer.step(*b)[0]) for b in batches]
-    placement = str(trainer.model.blocks[0].mlp.experts.gate_proj.placements)
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump({"logits": logits.tolist(), "losses": losses, "placement": placement}, f)
-    torch.distributed.destroy_process_group()
+def run_jax_sharded() -> list[h.Result]:
+    """MOE_GPT on SHARDED_MESHES of simulated CPU devices against one device (sharded_rows): the
+    experts split over ``model`` (whole experts per device, the table's EXPERTS rows); GSPMD adds
+    their partial outputs with one all-reduce."""
+    return sr.run_jax_sharded(MOE_GPT, SHARDED_MESHES)
 
 
 def torch_sharded_rows(mesh: tuple[int, int] = (1, 2)) -> list[h.Result]:
-    """torch on ``mesh`` (gloo processes, forked) against one device in this process: the forward
-    logits of rank 0's rows and 5 AdamW steps' losses, the experts split over ``model``."""
-    import json
-    import os
-    import socket
-    import tempfile
-
-    import torch
-    import torch.multiprocessing as mp
-
-    from torch_impl.gpt import GPT
-    from torch_impl.train import Trainer
-
-    cfg, tcfg = MOE_GPT, th.TRAJECTORY
-    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(5)]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rank0.json")
-        mp.start_processes(_torch_ep_rank, args=(mesh[0] * mesh[1], port, out, mesh), nprocs=mesh[0] * mesh[1],
-                           start_method="fork")  # fmt: skip
-        with open(out) as f:
-            doc = json.load(f)
-    with matched_precision():
-        torch.manual_seed(0)
-        model = GPT(cfg).eval()
-        with torch.no_grad():
-            ref = model(torch.from_numpy(batches[0][0][: batches[0][0].shape[0] // mesh[0]])).numpy()
-        torch.manual_seed(0)
-        one = Trainer(GPT(cfg), tcfg)
-        ref_losses = [float(one.step(*b)[0]) for b in batches]
-    err = float(np.max(np.abs(np.asarray(doc["logits"]) - ref)))
-    rel = max(abs(a - b) / abs(a) for a, b in zip(ref_losses, doc["losses"]))
-    return [
-        h.Result(check, [tcfg.batch_size, tcfg.seq_len], "float32", "cpu", None, f"torch:1 device->torch:{mesh[0]}x{mesh[1]}",
-                 e, e, th.TRAIN_TOLERANCE, e <= th.TRAIN_TOLERANCE, None if e <= th.TRAIN_TOLERANCE else check,
-                 config={"model": "moe", "experts_placement": doc["placement"], "steps": 5})  # fmt: skip
-        for check, e in (("sharded_forward", err), ("sharded_train_step", rel))
-    ]
-
-
-if __name__ == "__main__":
-    import json
-    import sys
-
-    if sys.argv[1:] != ["jax-sharded"]:
-        sys.exit("usage: python -m twin_parity.moe_harness jax-sharded")
-    print(json.dumps([r.to_json() for r in jax_sharded_rows()]))
+    """MOE_GPT on ``mesh`` (gloo processes, ExpertParallel) against one device (sharded_rows)."""
+    return sr.torch_sharded_rows(MOE_GPT, mesh)
 
 
 # ------------------------------------------------------------------- rules moe_tiny never takes
