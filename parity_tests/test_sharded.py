@@ -71,7 +71,8 @@ def _jax(request, mesh: str) -> dict:
 
 
 def _rows(doc: dict, mesh: str, check: str | None = None):
-    d, m = sh.parse_mesh_name(mesh).shape
+    shape = sh.parse_mesh_name(mesh)
+    d, m = shape.data, shape.model
     return [r for r in doc["results"]
             if r.config["mesh"] == {"data": d, "model": m} and (check is None or r.check == check)]  # fmt: skip
 

@@ -295,23 +295,6 @@ def jax_sharded_rows() -> list[h.Result]:
     return rows
 
 
-def run_jax_sharded(timeout: float = 600) -> list[dict]:
-    """jax_sharded_rows in a subprocess with 4 simulated CPU devices; the rows as dicts."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "twin_parity.moe_harness", "jax-sharded"], env=env, cwd=repo,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    if proc.returncode:
-        raise RuntimeError(f"the sharded MoE worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _torch_ep_rank(rank: int, world: int, port: int, out: str, mesh: tuple[int, int]) -> None:
     """One gloo process of the torch expert-parallel run: logits and 5 AdamW steps' losses of
     MOE_GPT on ``mesh`` (data, model), written by rank 0 with the experts' placements."""
@@ -390,10 +373,167 @@ def torch_sharded_rows(mesh: tuple[int, int] = (1, 2)) -> list[h.Result]:
     ]
 
 
+# ------------------------------------------------------------------------------ the expert axis
+
+# (data, model, expert) meshes with an expert axis: moe_tiny's 4 experts, 2 per device, tokens split
+# over (data, expert). JAX on 4 simulated devices, torch on gloo processes.
+JAX_EXPERT_MESHES = ((2, 1, 2),)
+TORCH_EXPERT_MESHES = ((1, 1, 2), (2, 1, 2))
+EXPERT_STEPS = 5
+ROWS_PER_EXPERT_MESH = 4  # forward, gradients, AdamW steps, collectives
+# what each sabotage breaks: "strided-experts" (both): pairs sent to device e % S while the table
+# holds experts e // S's block there (the values rows fail); "no-all-to-all" (JAX): the dense-masked
+# fallback on expert-split weights, GSPMD's collectives in place of the dispatch (values right, the
+# collectives row fails); "unpooled-aux" (torch): each process's load-balancing statistics its own.
+JAX_SABOTAGES = ("strided-experts", "no-all-to-all")
+
+
+def expected_expert_collectives(cfg=MOE_GPT) -> dict[str, int]:
+    """A forward's collectives on a mesh with an expert axis (model 1): two all-to-alls per MoE layer
+    (the pairs out to their experts' devices, the results back), nothing else (every other layer
+    runs on its own rows with replicated weights)."""
+    return {"all-to-all": 2 * cfg.n_layers}
+
+
+def _expert_rows(framework: str, mesh, ref: dict, got: dict, comm: dict, groups_ok: bool, placement: str) -> list[h.Result]:
+    """The four rows of one framework on one expert mesh: logits, gradients (every parameter, torch
+    layout), the losses and final parameters of EXPERT_STEPS AdamW steps, and the forward's
+    collectives against expected_expert_collectives."""
+    from twin_parity.sharded_compare import SHARDED_TOLERANCE
+
+    name = "x".join(str(v) for v in mesh)
+    direction = f"{framework}:1 device->{framework}:data={mesh[0]},expert={mesh[2]}"
+    devices = ("cpu", None) if framework == "torch" else (None, "cpu")
+    config = {"model": "moe", "mesh": {"data": mesh[0], "model": mesh[1], "expert": mesh[2]}, "experts": placement}
+
+    def worst(a: dict, b: dict) -> tuple[float, float, str | None]:
+        errs = {k: float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))) for k in a}
+        peak = max(float(np.max(np.abs(np.asarray(v)))) for v in a.values())
+        bad = next((k for k, e in errs.items() if not e <= SHARDED_TOLERANCE), None)
+        e = max(errs.values())
+        return e, e / peak if peak else 0.0, bad
+
+    rows = []
+    e, rel, bad = worst({"logits": ref["logits"]}, {"logits": got["logits"]})
+    rows.append(("sharded_forward", e, rel, bad))
+    e, rel, bad = worst(ref["grads"], got["grads"])
+    rows.append(("sharded_grad", e, rel, bad))
+    loss_rel = [abs(a - b) / abs(a) for a, b in zip(ref["losses"], got["losses"])]
+    e, rel, bad = worst(ref["weights"], got["weights"])
+    bad_step = next((f"loss at step {i}" for i, r in enumerate(loss_rel) if not r <= SHARDED_TOLERANCE), None)
+    rows.append(("sharded_train_step", e, max(loss_rel), bad_step or bad))
+    want = expected_expert_collectives()
+    off = sum(abs(comm.get(op, 0) - want.get(op, 0)) for op in set(want) | set(comm))
+    first = None if off == 0 and groups_ok else (
+        f"{comm} (expected {want})" if off else "all-to-all not over the expert axis groups")  # fmt: skip
+    out = [h.Result(check, [th.TRAJECTORY.batch_size, th.TRAJECTORY.seq_len], "float32", *devices, direction,
+                    e, rel, SHARDED_TOLERANCE, bad is None, bad, None, config={**config, "steps": EXPERT_STEPS})
+           for check, e, rel, bad in rows]  # fmt: skip
+    out.append(h.Result("sharded_collectives", [], "float32", *devices, f"{framework}:{name} forward vs 2 all-to-all per MoE layer",
+                        float(off), float(off), 0.0, first is None, first, None, config={**config, "counts": comm}))  # fmt: skip
+    return out
+
+
+def _jax_strided_exchange(x, chosen, weight, experts, all_to_all, n_shards):
+    """Sabotage: expert e sent to device e % S (strided) while the table puts experts e // S's
+    block on device s (Shard(0)): a plausible slip that runs, with every shape right."""
+    N, k, E = chosen.shape
+    strided = chosen.reshape(N, k, E // n_shards, n_shards).swapaxes(-1, -2).reshape(N, k, E)
+    from jax_impl.moe import exchange
+
+    return exchange(x, strided, weight, experts, all_to_all, n_shards)
+
+
+def jax_expert_rows(sabotage: str | None = None) -> list[h.Result]:
+    """JAX on JAX_EXPERT_MESHES (simulated CPU devices: this process must have started with
+    XLA_FLAGS=--xla_force_host_platform_device_count >= 4) against one device: logits, gradients of
+    the training loss (cross-entropy + router losses), EXPERT_STEPS AdamW steps, and the forward's
+    collectives read from the compiled HLO. ``sabotage``: one of JAX_SABOTAGES (some row must fail)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_impl import sharding as S
+    from jax_impl.gpt import GPT, model_loss
+    from jax_impl.train import Trainer, flax_path, split
+    from twin_common.mesh import MeshShape
+    from twin_common.params import table_for
+    from twin_parity.sharded_hlo import axis_groups, hlo_collectives, jax_counts
+
+    if sabotage == "strided-experts":
+        S.exchange = _jax_strided_exchange
+    elif sabotage == "no-all-to-all":
+        S.ExpertAllToAll.__call__ = lambda self, x, chosen, weight, experts: experts(x, (chosen * weight[..., None]).sum(1))
+    elif sabotage is not None:
+        raise ValueError(f"no JAX sabotage {sabotage!r}")
+    cfg, tcfg = MOE_GPT, th.TRAJECTORY
+    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(EXPERT_STEPS)]
+    x, y = (jnp.asarray(a, jnp.int32) for a in batches[0])
+    by_path = {spec.flax_path: spec for spec in table_for(cfg)}
+
+    def run(mesh) -> dict:
+        model = GPT(cfg, rngs=nnx.Rngs(0))
+        if mesh is None:
+            graphdef, params, rest = split(model)
+            fwd, grad = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x)), {}
+            text = ""
+        else:
+            fwd, params, rest = S.make_forward(model, mesh)
+            compiled = fwd.lower(params, rest, x).compile()
+            fwd, text = compiled, compiled.as_text()
+            graphdef = split(model)[0]
+            p_sh, _, r_sh, b_sh, _ = S.state_shardings(model, mesh)
+            grad = {"in_shardings": (p_sh, r_sh, b_sh, b_sh), "out_shardings": p_sh}
+        g = jax.jit(jax.grad(lambda p, r, x, y: model_loss(nnx.merge(graphdef, p, r), x, y)), **grad)(params, rest, x, y)
+        trainer = (Trainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg) if mesh is None
+                   else S.ShardedTrainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg, mesh))  # fmt: skip
+        losses = [float(trainer.step(*b)[0]) for b in batches]
+        return {"logits": np.asarray(fwd(params, rest, x)), "losses": losses, "weights": trainer.state()[0], "hlo": text,
+                "grads": {by_path[flax_path(kp)].torch_key: by_path[flax_path(kp)].transform.to_torch(np.asarray(v))
+                          for kp, v in jax.tree_util.tree_leaves_with_path(g)},
+                "placement": str(getattr(trainer.params["blocks"][0]["mlp"]["experts"]["gate_proj"].sharding, "spec", None))}  # fmt: skip
+
+    rows = []
+    with matched_precision():
+        ref = run(None)
+        for mesh in JAX_EXPERT_MESHES:
+            got = run(S.make_mesh(MeshShape(*mesh)))
+            found = hlo_collectives(got["hlo"])
+            expert_groups = axis_groups(np.arange(int(np.prod(mesh))).reshape(mesh), 2)
+            groups_ok = all(sorted(sorted(g) for g in groups) == expert_groups
+                            for op, groups in found if op == "all-to-all")  # fmt: skip
+            rows += _expert_rows("jax", mesh, ref, got, jax_counts(found), groups_ok, got["placement"])
+    return rows
+
+
+def run_jax_sharded(timeout: float = 600, expert_only: bool = False, sabotage: str | None = None) -> list[dict]:
+    """jax_sharded_rows and jax_expert_rows in a subprocess with 4 simulated CPU devices; the rows as
+    dicts. ``expert_only``: jax_expert_rows alone (``sabotage``: sabotaged)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    args = ["jax-expert", *([sabotage] if sabotage else [])] if expert_only or sabotage else ["jax-sharded"]
+    proc = subprocess.run([sys.executable, "-m", "twin_parity.moe_harness", *args], env=env, cwd=repo,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if proc.returncode:
+        raise RuntimeError(f"the sharded MoE worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 if __name__ == "__main__":
     import json
     import sys
 
-    if sys.argv[1:] != ["jax-sharded"]:
-        sys.exit("usage: python -m twin_parity.moe_harness jax-sharded")
-    print(json.dumps([r.to_json() for r in jax_sharded_rows()]))
+    mode, extra = sys.argv[1:2], sys.argv[2:]
+    if mode == ["jax-sharded"] and not extra:
+        rows = jax_sharded_rows() + jax_expert_rows()
+    elif mode == ["jax-expert"] and len(extra) <= 1:
+        rows = jax_expert_rows(*extra)
+    else:
+        sys.exit("usage: python -m twin_parity.moe_harness jax-sharded | jax-expert [SABOTAGE]")
+    print(json.dumps([r.to_json() for r in rows]))
