@@ -506,6 +506,126 @@ def jax_expert_rows(sabotage: str | None = None) -> list[h.Result]:
     return rows
 
 
+def _torch_strided_exchange(x, chosen, weight, experts, all_to_all, n_shards):
+    """Sabotage: _jax_strided_exchange's slip in torch's twin."""
+    N, k, E = chosen.shape
+    strided = chosen.reshape(N, k, E // n_shards, n_shards).transpose(-1, -2).reshape(N, k, E)
+    from torch_impl.moe import exchange
+
+    return exchange(x, strided, weight, experts, all_to_all, n_shards)
+
+
+TORCH_SABOTAGES = ("strided-experts", "unpooled-aux")
+
+
+def _torch_expert_rank(rank: int, world: int, port: int, out: str, mesh: tuple[int, int, int], sabotage) -> None:
+    """One gloo process of the torch expert-axis run on ``mesh`` (data, model, expert): its rows'
+    logits and the forward's collectives (CommDebugMode), the gathered gradients of the training loss
+    and EXPERT_STEPS AdamW steps (losses, final weights), written to ``out``.RANK."""
+    import json
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # what torchrun sets  # fmt: skip
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # FSDP2's hooks, harmless here
+    import torch
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from torch_impl import sharding as S
+    from torch_impl.gpt import GPT
+    from twin_common.mesh import MeshShape
+
+    if sabotage == "strided-experts":
+        S.exchange = _torch_strided_exchange
+    torch.set_num_threads(1)
+    torch.set_float32_matmul_precision("highest")  # torch's CPU default, pinned as in matched_precision
+    cfg, tcfg = MOE_GPT, th.TRAJECTORY
+    device_mesh = S.init_distributed(MeshShape(*mesh), cfg, batch_size=tcfg.batch_size, timeout_s=60)
+    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(EXPERT_STEPS)]
+    local = [(S.local_rows(x, device_mesh), S.local_rows(y, device_mesh)) for x, y in batches]
+
+    def trainer():
+        torch.manual_seed(0)
+        t = S.ShardedTrainer(GPT(cfg), tcfg, device_mesh)
+        if sabotage == "unpooled-aux":  # each process's router statistics its own rows'
+            t.loss_of = t.loss_of.func
+        return t
+
+    torch.manual_seed(0)
+    model = S.shard_model(GPT(cfg), device_mesh).eval()
+    comm = CommDebugMode()
+    with torch.no_grad(), comm:
+        logits = model(torch.from_numpy(local[0][0])).numpy()
+    counts = {str(op).split(".")[-1]: n for op, n in comm.get_comm_counts().items()}
+    t = trainer()
+    t.loss_of(t.model, torch.from_numpy(local[0][0]), torch.from_numpy(local[0][1])).backward()
+    grads = {k: S.gather(p.grad).numpy().tolist() for k, p in t.model.named_parameters()}
+    t = trainer()
+    losses = [float(t.step(*b)[0]) for b in batches]
+    weights = {k: v.tolist() for k, v in t.state()[0].items()}
+    doc = {"row": S.batch_mesh(device_mesh).get_local_rank(), "logits": logits.tolist(), "counts": counts}
+    if rank == 0:
+        doc.update(grads=grads, losses=losses, weights=weights, placement=str(t.model.blocks[0].mlp.experts.gate_proj.placements))
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(doc, f)
+    S.finish(device_mesh)
+
+
+def torch_expert_rows(mesh: tuple[int, int, int] = (2, 1, 2), sabotage: str | None = None) -> list[h.Result]:
+    """torch on ``mesh`` (gloo processes, forked) against one device in this process: the logits of
+    every row, the gradients of the training loss, EXPERT_STEPS AdamW steps, and the forward's
+    collectives (CommDebugMode on rank 0). ``sabotage``: one of TORCH_SABOTAGES (some row must fail)."""
+    import json
+    import os
+    import socket
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from torch_impl.gpt import GPT
+    from torch_impl.gpt import model_loss
+    from torch_impl.train import Trainer
+
+    if sabotage not in (None, *TORCH_SABOTAGES):
+        raise ValueError(f"no torch sabotage {sabotage!r}")
+    cfg, tcfg = MOE_GPT, th.TRAJECTORY
+    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(EXPERT_STEPS)]
+    world = int(np.prod(mesh))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank")
+        mp.start_processes(_torch_expert_rank, args=(world, port, out, mesh, sabotage), nprocs=world, start_method="fork")
+        docs = []
+        for r in range(world):
+            with open(f"{out}.{r}") as f:
+                docs.append(json.load(f))
+    by_row = {d["row"]: np.asarray(d["logits"]) for d in docs}  # model ranks of a row group agree
+    got = {"logits": np.concatenate([by_row[i] for i in sorted(by_row)]), "losses": docs[0]["losses"],
+           "grads": docs[0]["grads"], "weights": docs[0]["weights"]}  # fmt: skip
+    with matched_precision():
+        torch.manual_seed(0)
+        model = GPT(cfg).eval()
+        x, y = (torch.from_numpy(a) for a in batches[0])
+        with torch.no_grad():
+            logits = model(x).numpy()
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        model_loss(model, x, y).backward()
+        grads = {k: p.grad.numpy() for k, p in model.named_parameters()}
+        torch.manual_seed(0)
+        one = Trainer(GPT(cfg), tcfg)
+        ref = {"logits": logits, "grads": grads, "losses": [float(one.step(*b)[0]) for b in batches],
+               "weights": one.state()[0]}  # fmt: skip
+    # CommDebugMode names c10d's ops: dist.all_to_all_single is alltoall_base_
+    counts = {("all-to-all" if op.startswith("alltoall") else op): n for op, n in docs[0]["counts"].items()}
+    return _expert_rows("torch", mesh, ref, got, counts, True, docs[0]["placement"])
+
+
 def run_jax_sharded(timeout: float = 600, expert_only: bool = False, sabotage: str | None = None) -> list[dict]:
     """jax_sharded_rows and jax_expert_rows in a subprocess with 4 simulated CPU devices; the rows as
     dicts. ``expert_only``: jax_expert_rows alone (``sabotage``: sabotaged)."""
