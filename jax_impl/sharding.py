@@ -101,7 +101,11 @@ class ExpertAllToAll:
 
         run = jax.shard_map(local, mesh=self.mesh, in_specs=(tokens, tokens, tokens, stacked, stacked, stacked),
                             out_specs=tokens)  # fmt: skip
-        return run(x, chosen, weight, experts.gate_proj[...], experts.up_proj[...], experts.down_proj[...])
+        # a token count the row shards do not divide (a decode step's few tokens): padded with
+        # tokens that choose no expert (chosen all False: sent nowhere, zero out), cut off after
+        n, pad = x.shape[0], -x.shape[0] % mesh_shape(self.mesh).batch_split
+        x, chosen, weight = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (x, chosen, weight))
+        return run(x, chosen, weight, experts.gate_proj[...], experts.up_proj[...], experts.down_proj[...])[:n]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
