@@ -434,14 +434,17 @@ def _expert_rows(framework: str, mesh, ref: dict, got: dict, comm: dict, groups_
     return out
 
 
-def _jax_strided_exchange(x, chosen, weight, experts, all_to_all, n_shards):
-    """Sabotage: expert e sent to device e % S (strided) while the table puts experts e // S's
-    block on device s (Shard(0)): a plausible slip that runs, with every shape right."""
-    N, k, E = chosen.shape
-    strided = chosen.reshape(N, k, E // n_shards, n_shards).swapaxes(-1, -2).reshape(N, k, E)
-    from jax_impl.moe import exchange
+def _strided(exchange):
+    """Sabotage, for either twin's ``exchange``: expert e sent to device e % S (strided) while the
+    table puts experts e // S's block on device s (Shard(0)): a plausible slip that runs, with
+    every shape right."""
 
-    return exchange(x, strided, weight, experts, all_to_all, n_shards)
+    def sabotaged(x, chosen, weight, experts, all_to_all, n_shards):
+        N, k, E = chosen.shape
+        strided = chosen.reshape(N, k, E // n_shards, n_shards).swapaxes(-1, -2).reshape(N, k, E)
+        return exchange(x, strided, weight, experts, all_to_all, n_shards)
+
+    return sabotaged
 
 
 def jax_expert_rows(sabotage: str | None = None) -> list[h.Result]:
@@ -461,7 +464,7 @@ def jax_expert_rows(sabotage: str | None = None) -> list[h.Result]:
     from twin_parity.sharded_hlo import axis_groups, hlo_collectives, jax_counts
 
     if sabotage == "strided-experts":
-        S.exchange = _jax_strided_exchange
+        S.exchange = _strided(S.exchange)
     elif sabotage == "no-all-to-all":
         S.ExpertAllToAll.__call__ = lambda self, x, chosen, weight, experts: experts(x, (chosen * weight[..., None]).sum(1))
     elif sabotage is not None:
@@ -506,15 +509,6 @@ def jax_expert_rows(sabotage: str | None = None) -> list[h.Result]:
     return rows
 
 
-def _torch_strided_exchange(x, chosen, weight, experts, all_to_all, n_shards):
-    """Sabotage: _jax_strided_exchange's slip in torch's twin."""
-    N, k, E = chosen.shape
-    strided = chosen.reshape(N, k, E // n_shards, n_shards).transpose(-1, -2).reshape(N, k, E)
-    from torch_impl.moe import exchange
-
-    return exchange(x, strided, weight, experts, all_to_all, n_shards)
-
-
 TORCH_SABOTAGES = ("strided-experts", "unpooled-aux")
 
 
@@ -538,7 +532,7 @@ def _torch_expert_rank(rank: int, world: int, port: int, out: str, mesh: tuple[i
     from twin_common.mesh import MeshShape
 
     if sabotage == "strided-experts":
-        S.exchange = _torch_strided_exchange
+        S.exchange = _strided(S.exchange)
     torch.set_num_threads(1)
     torch.set_float32_matmul_precision("highest")  # torch's CPU default, pinned as in matched_precision
     cfg, tcfg = MOE_GPT, th.TRAJECTORY
