@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jax_impl.moe import MoE, exchange, expert_mlp
+from jax_impl.moe import exchange, expert_mlp
 from jax_impl.train import Trainer, flax_path, make_eval_loss, make_train_step, split
 from twin_common.checks import check_token_input
 from twin_common.mesh import AXES, MeshShape, check_mesh
@@ -62,20 +62,6 @@ def mesh_shape(mesh: Mesh) -> MeshShape:
     return MeshShape.of(mesh.axis_names, mesh.devices.shape)
 
 
-def tp_plan(cfg, mesh: MeshShape = MeshShape()) -> dict[tuple, PartitionSpec]:
-    """{Flax path: PartitionSpec} for every parameter: the table's mesh axis ("model", or "expert"
-    for stacked experts on a mesh with that axis) on the dimension the table splits, None (whole)
-    elsewhere. Replicated over "data"."""
-    plan = {}
-    for spec in table_for(cfg):
-        dims = [None] * len(spec.flax_shape)
-        dim = spec.split.flax_dim(spec)
-        if dim is not None:
-            dims[dim] = spec.split.mesh_axis(mesh)
-        plan[spec.flax_path] = PartitionSpec(*dims)
-    return plan
-
-
 def batch_axes(mesh: Mesh):
     """The mesh axes a batch's rows split over: "data", and "expert" too when there is one."""
     return ("data", "expert") if mesh_shape(mesh).expert > 1 else "data"
@@ -108,6 +94,29 @@ class ExpertAllToAll:
         return run(x, chosen, weight, experts.gate_proj[...], experts.up_proj[...], experts.down_proj[...])[:n]
 
 
+def tp_plan(cfg, mesh: MeshShape = MeshShape()) -> dict[tuple, PartitionSpec]:
+    """{Flax path: PartitionSpec} for every parameter: the table's mesh axis ("model", or "expert"
+    for stacked experts on a mesh with that axis) on the dimension the table splits, None (whole)
+    elsewhere. Replicated over "data"."""
+    plan = {}
+    for spec in table_for(cfg):
+        dims = [None] * len(spec.flax_shape)
+        dim = spec.split.flax_dim(spec)
+        if dim is not None:
+            dims[dim] = spec.split.mesh_axis(mesh)
+        plan[spec.flax_path] = PartitionSpec(*dims)
+    return plan
+
+
+def expert_plan(cfg, mesh: Mesh) -> dict[tuple, ExpertAllToAll]:
+    """{MoE module path: ExpertAllToAll} for every stacked-experts module the table splits over
+    ``expert`` on ``mesh`` (none without that axis). Given the Mesh itself, which the dispatch's
+    shard_map needs; torch's twin takes a MeshShape, its styles get their process group when
+    parallelize_module applies them."""
+    return {spec.flax_path[:-2]: ExpertAllToAll(mesh) for spec in table_for(cfg)
+            if spec.split.mesh_axis(mesh_shape(mesh)) == "expert"}  # fmt: skip
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
@@ -130,9 +139,8 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Param))):
         if isinstance(var.get_value(), jax.Array):
             var.set_value(jax.device_put(var.get_value(), replicated(mesh)))
-    for _, module in model.iter_modules():
-        if isinstance(module, MoE):
-            module.dispatch = ExpertAllToAll(mesh) if shape.expert > 1 else None
+    for path, dispatch in expert_plan(model.cfg, mesh).items():
+        functools.reduce(lambda m, k: m[k] if isinstance(k, int) else getattr(m, k), path, model).dispatch = dispatch
     return model
 
 

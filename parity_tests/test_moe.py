@@ -335,10 +335,17 @@ def test_expert_mesh_refusals_name_both_numbers():
 def test_the_table_puts_experts_on_the_expert_axis_when_there_is_one():
     """Split.EXPERTS: over `expert` on a mesh with that axis, over `model` without (the fallback);
     both plans read it from the table."""
+    from types import SimpleNamespace
+
+    from jax_impl.sharding import expert_plan as jax_expert_plan
     from jax_impl.sharding import tp_plan as jax_plan
+    from torch_impl.sharding import expert_plan as torch_expert_plan
     from torch_impl.sharding import tp_plan as torch_plan
     from twin_common.mesh import MeshShape
     from twin_common.params import Split
+
+    def FakeMesh(names, shape):  # what expert_plan reads of a jax Mesh (this process has one device)
+        return SimpleNamespace(axis_names=names, devices=np.empty(shape))
 
     for mesh, axis in ((MeshShape(1, 2), "model"), (MeshShape(2, 1, 2), "expert"), (MeshShape(1, 2, 2), "expert")):
         plan = jax_plan(mh.MOE_GPT, mesh)
@@ -351,6 +358,11 @@ def test_the_table_puts_experts_on_the_expert_axis_when_there_is_one():
                 assert want == [axis, None, None], (mesh, spec)
     assert type(torch_plan(mh.MOE_GPT)["blocks.0.mlp.experts"]).__name__ == "ExpertParallel"
     assert "blocks.0.mlp.experts" not in torch_plan(mh.MOE_GPT, MeshShape(1, 1, 2))
+    # the dispatch goes on each MoE module the table's expert rows name, in both plans
+    assert set(torch_expert_plan(mh.MOE_GPT, MeshShape(1, 1, 2))) == {"blocks.0.mlp", "blocks.1.mlp"}
+    assert torch_expert_plan(mh.MOE_GPT, MeshShape(1, 2)) == {}
+    assert {".".join(map(str, p)) for p in jax_expert_plan(mh.MOE_GPT, FakeMesh(("data", "model", "expert"), (1, 1, 2)))} == {
+        "blocks.0.mlp", "blocks.1.mlp"}
 
 
 @pytest.mark.slow
