@@ -54,8 +54,9 @@ def choose(logits: jax.Array, cfg: BlockConfig) -> tuple[jax.Array, jax.Array]:
 
 
 def route(logits: jax.Array, cfg: BlockConfig) -> jax.Array:
-    """Combine weights (N, E) of router logits (N, E): the top_k choices (``choose``), pairs over an
-    expert's capacity dropped in (token, choice rank) order; zero for every expert a token does not use."""
+    """Combine weights (N, E) of router logits (N, E): the top_k choices (``choose``), pairs over
+    an expert's capacity dropped in (token, choice rank) order; zero for every expert a token does
+    not use."""
     N, E = logits.shape
     k = cfg.top_k
     chosen, weight = choose(logits, cfg)

@@ -5,9 +5,10 @@ Twin of torch_impl/sharding.py: same functions, same order; read the two side by
 The specs are not written here: they are read from the conversion table's ``split`` column
 (twin_common/params.py), through the table's transform into the Flax layout (kernel (in, out)).
 The model code never mentions devices: XLA's SPMD partitioner (GSPMD) propagates the parameter
-layouts through the program and inserts the two all-reduces per block itself. The one exception is a MoE layer on an ``expert``
-axis: its token dispatch is written out (ExpertAllToAll: jax.shard_map with jax.lax.all_to_all),
-because where each token goes depends on the router's values, which no layout propagation can see.
+layouts through the program and inserts the two all-reduces per block itself. The one exception
+is a MoE layer on an ``expert`` axis: its token dispatch is written out (ExpertAllToAll:
+jax.shard_map with jax.lax.all_to_all), because where each token goes depends on the router's
+values, which no layout propagation can see.
 
 One process drives every device of the host (here 8 simulated CPU devices:
 XLA_FLAGS=--xla_force_host_platform_device_count=8, set before JAX starts); across hosts,
@@ -139,8 +140,10 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Param))):
         if isinstance(var.get_value(), jax.Array):
             var.set_value(jax.device_put(var.get_value(), replicated(mesh)))
-    for path, dispatch in expert_plan(model.cfg, mesh).items():
-        functools.reduce(lambda m, k: m[k] if isinstance(k, int) else getattr(m, k), path, model).dispatch = dispatch
+    for path, dispatch in expert_plan(model.cfg, mesh).items():  # ("blocks", i, "mlp"): the MoE
+        step = lambda m, k: m[k] if isinstance(k, int) else getattr(m, k)  # noqa: E731
+        moe = functools.reduce(step, path, model)
+        moe.dispatch = dispatch
     return model
 
 

@@ -201,8 +201,8 @@ def tp_plan(cfg, mesh: MeshShape = MeshShape()) -> dict[str, ColwiseParallel | R
         module, _, name = spec.torch_key.rpartition(".")
         if name == "weight" and spec.split in styles:
             plan[module] = styles[spec.split]()
-        elif spec.split.mesh_axis(mesh) == "model" and spec.split is Split.EXPERTS:  # one style for the module
-            plan[module] = ExpertParallel()
+        elif spec.split is Split.EXPERTS and spec.split.mesh_axis(mesh) == "model":
+            plan[module] = ExpertParallel()  # the stacked experts: one style for the module
     # The styles decide the bias placement themselves: check that they agree with the table.
     for spec in table_for(cfg):
         module, _, name = spec.torch_key.rpartition(".")
@@ -239,9 +239,10 @@ def shard_model(model: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
     # gradients after backward (DDP semantics, FSDP2 machinery: it accepts the DTensor parameters
     # above). Experts split over "expert" are left out of it: a hook averages theirs.
     split_experts = {p for path in experts for p in model.get_submodule(path).experts.parameters()}
+    data = device_mesh.get_group("data")
+    mean = functools.partial(_mean_over_rows, group=data, n_rows=shape.batch_split)
     for p in split_experts:
-        p.register_post_accumulate_grad_hook(functools.partial(
-            _mean_over_rows, group=device_mesh.get_group("data"), n_rows=shape.batch_split))  # fmt: skip
+        p.register_post_accumulate_grad_hook(mean)
     rows = batch_mesh(device_mesh)
     blocks = getattr(model, "blocks", None)
     for block in blocks if blocks is not None else ():

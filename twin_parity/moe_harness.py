@@ -401,8 +401,8 @@ def _expert_rows(framework: str, mesh, ref: dict, got: dict, comm: dict, groups_
     collectives against expected_expert_collectives."""
     from twin_parity.sharded_compare import SHARDED_TOLERANCE
 
-    name = "x".join(str(v) for v in mesh)
-    direction = f"{framework}:1 device->{framework}:data={mesh[0]},expert={mesh[2]}"
+    name = f"data={mesh[0]},expert={mesh[2]}"
+    direction = f"{framework}:1 device->{framework}:{name}"
     devices = ("cpu", None) if framework == "torch" else (None, "cpu")
     config = {"model": "moe", "mesh": {"data": mesh[0], "model": mesh[1], "expert": mesh[2]}, "experts": placement}
 
