@@ -38,11 +38,10 @@ def ranks(logits: jax.Array) -> jax.Array:
     return beats.sum(-1)  # (N, E), a permutation of 0..E-1 per token
 
 
-def route(logits: jax.Array, cfg: BlockConfig) -> jax.Array:
-    """Combine weights (N, E) of router logits (N, E): softmax over all experts, the top_k kept
-    (renormalised when norm_topk_prob), pairs over an expert's capacity dropped in (token, choice
-    rank) order; zero for every expert a token does not use."""
-    N, E = logits.shape
+def choose(logits: jax.Array, cfg: BlockConfig) -> tuple[jax.Array, jax.Array]:
+    """Each token's top_k choices of router logits (N, E): chosen (N, k, E), the one-hot of the
+    expert at each choice rank, and weight (N, k), the chosen probabilities of a softmax over all
+    experts (Mixtral), renormalised when norm_topk_prob."""
     k = cfg.top_k
     rank = ranks(logits)
     # (N, k, E): one-hot of the expert at each choice rank
@@ -51,6 +50,16 @@ def route(logits: jax.Array, cfg: BlockConfig) -> jax.Array:
     weight = (chosen * probs[:, None, :]).sum(-1)  # (N, k) the chosen probabilities, rank order
     if cfg.norm_topk_prob:
         weight = weight / weight.sum(-1, keepdims=True)
+    return chosen, weight
+
+
+def route(logits: jax.Array, cfg: BlockConfig) -> jax.Array:
+    """Combine weights (N, E) of router logits (N, E): the top_k choices (``choose``), pairs over
+    an expert's capacity dropped in (token, choice rank) order; zero for every expert a token does
+    not use."""
+    N, E = logits.shape
+    k = cfg.top_k
+    chosen, weight = choose(logits, cfg)
     cap = capacity(N, E, k, cfg.capacity_factor)
     if cap is not None:  # pairs counted per expert in (token, rank) order, row-major over (N, k)
         # 1 for an expert's first pair, 2 for its second, ...
@@ -87,10 +96,34 @@ class Experts(nnx.Module):
         """Every expert on every token, weighted by ``combine`` (N, E) and summed: x (N, C) -> (N, C).
         The sum over experts is the last step, so experts split over devices leave partial sums
         that one all-reduce completes (GSPMD inserts it; jax_impl/sharding.py)."""
-        g = jnp.einsum("nc,ehc->neh", x, self.gate_proj[...])  # (N, E, H)
-        u = jnp.einsum("nc,ehc->neh", x, self.up_proj[...])  # (N, E, H)
-        y = jnp.einsum("neh,ech->nec", jax.nn.silu(g) * u, self.down_proj[...])  # (N, E, C)
-        return jnp.einsum("ne,nec->nc", combine.astype(y.dtype), y)  # (N, C)
+        return expert_mlp(x, combine, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+
+
+def expert_mlp(x: jax.Array, combine: jax.Array, gate_proj: jax.Array, up_proj: jax.Array, down_proj: jax.Array) -> jax.Array:
+    """The experts' arithmetic on stacked weights (Experts' layout, E of them, or a device's share):
+    x (N, C), combine (N, E) -> (N, C)."""
+    g = jnp.einsum("nc,ehc->neh", x, gate_proj)  # (N, E, H)
+    u = jnp.einsum("nc,ehc->neh", x, up_proj)  # (N, E, H)
+    y = jnp.einsum("neh,ech->nec", jax.nn.silu(g) * u, down_proj)  # (N, E, C)
+    return jnp.einsum("ne,nec->nc", combine.astype(y.dtype), y)  # (N, C)
+
+
+def exchange(x: jax.Array, chosen: jax.Array, weight: jax.Array, experts, all_to_all, n_shards: int) -> jax.Array:
+    """One device's part of expert parallelism (twin_common/moe.py): its tokens x (N, C), their
+    choices chosen (N, k, E) and weights (N, k); ``experts`` (x, combine) runs this device's E / S
+    experts; ``all_to_all`` (S, P, D) -> (S, P, D) swaps block s with device s of the expert axis.
+    Each (token, choice) pair goes to the device holding its expert, in its own slot of a buffer
+    of all P = N * k pairs (static shapes: dropless, any routing fits), and comes back the same way."""
+    N, k, E = chosen.shape
+    C, P, S = x.shape[-1], N * k, n_shards
+    # (S, P, E / S): pair p's expert among device s's, one-hot; all zero where s does not hold it
+    select = chosen.reshape(P, S, E // S).transpose(1, 0, 2).astype(x.dtype)
+    pairs = jnp.broadcast_to(x[:, None, :], (N, k, C)).reshape(P, C)  # (P, C) each pair's token
+    send = jnp.concatenate([select.sum(-1, keepdims=True) * pairs[None], select], axis=-1)  # (S, P, C + E/S)
+    got = all_to_all(send)  # (S, P, C + E/S): block s holds device s's pairs for this device
+    y = experts(got[..., :C].reshape(S * P, C), got[..., C:].reshape(S * P, E // S))  # (S * P, C)
+    back = all_to_all(y.reshape(S, P, C))  # (S, P, C): block s, what device s computed for our pairs
+    return (back.sum(0).reshape(N, k, C) * weight[..., None].astype(x.dtype)).sum(1)  # (N, C)
 
 
 class MoE(nnx.Module):
@@ -101,11 +134,19 @@ class MoE(nnx.Module):
         self.router = linear(cfg.d_model, cfg.n_experts, cfg, False, param_dtype=param_dtype, rngs=rngs)  # kernel (C, E)
         self.experts = Experts(cfg, param_dtype=param_dtype, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.resid_dropout, rngs=rngs)
+        # expert parallelism over the mesh's ``expert`` axis: set by the sharding plan
+        # (jax_impl/sharding.py, ExpertAllToAll); None on one device or without that axis
+        self.dispatch = None
 
     def __call__(self, x: jax.Array, return_router_logits: bool = False):
         B, T, C = x.shape
         flat = x.reshape(B * T, C)  # (N, C)
         logits = router_logits(flat, self.router.kernel[...])  # (N, E), float32
-        combine = route(logits, self.cfg)  # (N, E), float32
-        y = self.dropout(self.experts(flat, combine).reshape(B, T, C))
+        if self.dispatch is None:
+            combine = route(logits, self.cfg)  # (N, E), float32
+            mixed = self.experts(flat, combine)  # (N, C)
+        else:  # each pair to its expert's device and back (dropless: the mesh refuses a capacity)
+            chosen, weight = choose(logits, self.cfg)  # (N, k, E), (N, k) float32
+            mixed = self.dispatch(flat, chosen, weight, self.experts)  # (N, C)
+        y = self.dropout(mixed.reshape(B, T, C))
         return (y, logits.reshape(B, T, -1)) if return_router_logits else y

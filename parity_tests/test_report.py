@@ -158,3 +158,20 @@ def test_skip_training_help_names_the_checks_it_leaves_out_and_those_it_runs(cap
     assert all(name in left_out for name in training) and "sharded" in left_out
     assert all(name in still_run for name in others), (others, still_run)
     assert not any(name in still_run for name in training)
+
+
+@needs_both
+def test_the_moe_sharded_rows_are_announced_as_the_harness_makes_them():
+    """Each MoE sharded check announces the rows its harness returns (the harness tests check each
+    run's row count against the same numbers): two per model-axis mesh and four per expert mesh, in
+    both engines (JAX: one worker for the model-axis meshes, one for the expert meshes)."""
+    from scripts import parity_report as pr
+    from twin_parity import moe_harness as mh
+
+    planned = list(pr.moe_sharded_plan())
+    expert = [p for p in planned if "expert=" in p.label]
+    assert [p.rows for p in planned if p not in expert and "jax" not in p.label] == [2, 2]
+    assert [p.rows for p in expert if "torch" in p.label] == [mh.ROWS_PER_EXPERT_MESH] * len(mh.TORCH_EXPERT_MESHES)
+    assert [p.rows for p in planned if p not in expert and "jax" in p.label] == [2 * len(mh.SHARDED_MESHES)]
+    assert [p.rows for p in expert if "jax" in p.label] == [mh.ROWS_PER_EXPERT_MESH * len(mh.JAX_EXPERT_MESHES)]
+    assert mh.ROWS_PER_EXPERT_MESH == 4 and len(mh.TORCH_EXPERT_MESHES) == 2 and sum(p.rows for p in planned) == 20

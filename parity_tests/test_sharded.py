@@ -71,7 +71,8 @@ def _jax(request, mesh: str) -> dict:
 
 
 def _rows(doc: dict, mesh: str, check: str | None = None):
-    d, m = sh.parse_mesh_name(mesh).shape
+    shape = sh.parse_mesh_name(mesh)
+    d, m = shape.data, shape.model
     return [r for r in doc["results"]
             if r.config["mesh"] == {"data": d, "model": m} and (check is None or r.check == check)]  # fmt: skip
 
@@ -299,14 +300,16 @@ def test_a_killed_rank_stops_the_others_quickly(workdir):
 
 
 # Each leg: the first framework and mesh stop at step 2, the second resumes to the end. Together the
-# legs cover every mesh family in the CLI: JAX data x model, torch model, torch data, JAX model.
+# legs cover every mesh family in the CLI: JAX data x model, torch model, torch data, JAX model, and
+# the MoE preset on data x expert in both (the README's expert-axis commands).
 TRAIN_SCRIPT_LEGS = [
-    (("jax", "data=2,model=2"), ("torch", "model=2")),
-    (("torch", "data=2"), ("jax", "model=2")),
+    ("tiny", ("jax", "data=2,model=2"), ("torch", "model=2")),
+    ("tiny", ("torch", "data=2"), ("jax", "model=2")),
+    ("moe-tiny", ("jax", "data=2,expert=2"), ("torch", "data=2,expert=2")),
 ]
 
 
-def _one_device_sample(ckpt: str, seq_len: int, n_new: int, seed: int) -> str:
+def _one_device_sample(ckpt: str, n_new: int, seed: int) -> str:
     """What scripts.train's end-of-run sample prints for ``ckpt``, computed by torch on one device."""
     import torch
 
@@ -319,6 +322,7 @@ def _one_device_sample(ckpt: str, seq_len: int, n_new: int, seed: int) -> str:
 
     _, cfg, _ = read_checkpoint_metadata(ckpt)
     cfg = GPTConfig.from_dict(cfg)
+    seq_len = cfg.block_size  # scripts.train's default --seq-len
     weights, _, _ = load_checkpoint(ckpt, cfg)
     model = GPT(cfg)
     wc.import_(model, weights)
@@ -328,8 +332,9 @@ def _one_device_sample(ckpt: str, seq_len: int, n_new: int, seed: int) -> str:
         return D.decode(continue_prompt(model.eval(), prompt, n_new, 0.8, seed))
 
 
-@pytest.mark.parametrize("legs", TRAIN_SCRIPT_LEGS, ids=lambda legs: "->".join(f"{f}:{m}" for f, m in legs))
-def test_train_script_on_meshes_and_across_frameworks(tmp_path, legs):
+@pytest.mark.parametrize("model, first, second", TRAIN_SCRIPT_LEGS,
+                         ids=[f"{m}:" + "->".join(f"{f}:{mesh}" for f, mesh in legs) for m, *legs in TRAIN_SCRIPT_LEGS])
+def test_train_script_on_meshes_and_across_frameworks(tmp_path, model, first, second):
     """The command-line path end to end, with the CLI's defaults (validation loss, checkpoints, the
     end-of-run sample): the first leg writes the gathered checkpoint at step 2, the second resumes
     it on another mesh in the other framework to the end, evaluates, checkpoints and samples on a
@@ -340,7 +345,7 @@ def test_train_script_on_meshes_and_across_frameworks(tmp_path, legs):
     import sys
 
     out = str(tmp_path / "run")
-    common = ["--model", "tiny", "--steps", "4", "--batch-size", "4", "--out", out, "--quiet"]
+    common = ["--model", model, "--steps", "4", "--batch-size", "4", "--out", out, "--quiet"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
 
@@ -352,7 +357,6 @@ def test_train_script_on_meshes_and_across_frameworks(tmp_path, legs):
                   if framework == "torch" else [sys.executable])  # fmt: skip
         return launch + ["-m", "scripts.train", "--framework", framework, "--mesh", mesh]
 
-    (first, second) = legs
     runs = [command(*first) + ["--stop-at", "2"], command(*second) + ["--resume"]]
     for cmd in runs:  # bytes, not text=True: a sampled "\r" must not become "\n"
         proc = subprocess.run(cmd + common, env={**env, "PYTHONIOENCODING": "utf-8"}, capture_output=True, timeout=600)
@@ -366,7 +370,7 @@ def test_train_script_on_meshes_and_across_frameworks(tmp_path, legs):
     assert latest["step"] == 4 and latest["framework"] == second[0]
     assert sorted(os.listdir(os.path.join(out, "ckpt"))) == ["step_000002.safetensors", "step_000004.safetensors"]
     printed = proc.stdout.decode().split("sample:\n", 1)[1].removesuffix("\n")
-    expected = _one_device_sample(os.path.join(out, latest["checkpoint"]), seq_len=32, n_new=200, seed=0)
+    expected = _one_device_sample(os.path.join(out, latest["checkpoint"]), n_new=200, seed=0)
     assert printed == expected
 
 

@@ -170,11 +170,11 @@ def collective_bytes(hlo: str, mesh, cfg, tcfg, shape) -> list[tuple[str, str, s
     backward over "model"; over "data", one all-reduce of the (local) gradients."""
     import re
 
-    from twin_parity.sharded_hlo import model_axis_groups, replica_groups
+    from twin_parity.sharded_hlo import axis_groups, model_axis_groups, replica_groups
     from twin_common.params import table_for
 
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
-    model_groups, data_groups = model_axis_groups(ids), model_axis_groups(ids.T)
+    model_groups, data_groups = model_axis_groups(ids), axis_groups(ids, 0)
     every = [sorted(int(i) for i in ids.flat)]
     measured: dict[str, int] = {}
     counts: dict[str, int] = {}

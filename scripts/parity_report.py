@@ -50,7 +50,9 @@ Checks, for every torch device x every JAX device present (CPU always; CUDA / GP
                       expert choices and the load-balancing loss
   sharded_*           each twin on (data, model) meshes of simulated CPU devices vs one device:
                       forward, gradients, 20 AdamW steps; sharded torch vs sharded JAX; a resume
-                      from JAX on (2, 2) into torch on (1, 2) (subprocesses; --skip-sharded)
+                      from JAX on (2, 2) into torch on (1, 2) (subprocesses; --skip-sharded); the
+                      MoE preset also on meshes with an expert axis (tokens sent to their experts
+                      by all-to-all): forward, gradients, 5 AdamW steps and the all-to-all count
 All run under matched precision (full-float32 matmuls in both frameworks). Exits 1 if any fails.
 """
 
@@ -276,16 +278,24 @@ def sharded_plan():
 
 
 def moe_sharded_plan():
-    """The MoE sharded rows: JAX on 1x2 and 2x2 simulated devices in one subprocess, torch on 1x2 and
-    2x2 (gloo processes), each mesh's forward and training against one device, experts over model."""
+    """The MoE sharded rows: JAX on 1x2 and 2x2 simulated devices (experts over model) and on
+    data=2,expert=2 (experts over expert, tokens dispatched by all-to-all) in one subprocess; torch on
+    1x2 and 2x2 (experts over model) and on expert=2 and data=2,expert=2 (gloo processes); each
+    mesh's forward and training against one device, the expert meshes' gradients and collectives too."""
     from twin_parity import moe_harness as mh
 
     both = ("torch", "jax")
     yield Planned("moe sharded jax 1x2, 2x2 (experts over model)", "sharded", both,
                   mh.run_jax_sharded, 2 * len(mh.SHARDED_MESHES))  # fmt: skip
+    yield Planned("moe sharded jax data=2,expert=2 (4 simulated CPU devices, all-to-all)", "sharded", both,
+                  lambda: [h.Result(**r) for r in mh.run_jax_expert()],
+                  mh.ROWS_PER_EXPERT_MESH * len(mh.JAX_EXPERT_MESHES))  # fmt: skip
     for mesh in ((1, 2), (2, 2)):
         yield Planned(f"moe sharded torch {mesh[0]}x{mesh[1]} (gloo processes, experts over model)", "sharded",
                       both, lambda m=mesh: mh.torch_sharded_rows(m), 2)  # fmt: skip
+    for mesh in mh.TORCH_EXPERT_MESHES:
+        yield Planned(f"moe sharded torch data={mesh[0]},expert={mesh[2]} (gloo processes, all-to-all)", "sharded",
+                      both, lambda m=mesh: mh.torch_expert_rows(m), mh.ROWS_PER_EXPERT_MESH)  # fmt: skip
 
 
 def llama_sharded_plan():

@@ -255,9 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-matmul", action="store_true",
                    help="leave matmul precision at the frameworks' defaults (TF32 on GPU) instead of pinning")
     p.add_argument("--device", choices=["cpu", "cuda"], help="torch device (default: cuda if present)")
-    p.add_argument("--mesh", metavar="data=D,model=M",
-                   help="tensor (model) and data parallel over D*M devices: JAX over the visible devices; "
-                        "torch under torchrun --nproc-per-node D*M (README: Sharded)")
+    p.add_argument("--mesh", metavar="data=D,model=M,expert=X",
+                   help="data, tensor (model) and, for a MoE model, expert parallel over D*M*X devices (any "
+                        "axis left out is 1): JAX over the visible devices; torch under torchrun "
+                        "--nproc-per-node D*M*X (README: Sharded)")
     p.add_argument("--sample", type=int, default=200, help="bytes of text to sample at the end; 0: none (default: %(default)s)")
     p.add_argument("--no-chaos-reference", dest="chaos_reference", action="store_false",
                    help="compare: skip the third run (torch with the other attention path: the same "

@@ -1,5 +1,6 @@
-"""Tensor + data parallel for the PyTorch twins on torch.distributed: a DeviceMesh with axes
-("data", "model"), DTensor Linears from a parallelize plan, data parallel over "data".
+"""Tensor, data and expert parallel for the PyTorch twins on torch.distributed: a DeviceMesh with axes
+("data", "model", "expert"), DTensor Linears from a parallelize plan, data parallel over "data" (and
+"expert").
 Twin of jax_impl/sharding.py: same functions, same order; read the two side by side.
 
 The plan is not written here: it is read from the conversion table's ``split`` column
@@ -7,8 +8,10 @@ The plan is not written here: it is read from the conversion table's ``split`` c
 ColwiseParallel, one split by input features RowwiseParallel; everything else stays whole.
 
 One process per device, started by torchrun (or torch.multiprocessing, forking, in the tests), each
-running this same code: gloo on CPU, NCCL on GPU. No collective is written by hand: the DTensor
-styles insert the two all-reduces per block; FSDP2's replicate() averages gradients over "data".
+running this same code: gloo on CPU, NCCL on GPU. The DTensor styles insert the two all-reduces per
+block; FSDP2's replicate() averages gradients over "data". The one collective written by hand is a
+MoE layer's token dispatch on an ``expert`` axis (ExpertAllToAll: dist.all_to_all_single, which gloo
+runs on CPU), because where each token goes depends on the router's values.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
+from torch_impl.moe import exchange, expert_mlp
 from torch_impl.train import Trainer
 from twin_common.mesh import AXES, MeshShape, check_mesh
 from twin_common.params import Split, table_for
@@ -89,8 +93,74 @@ def exit_now(code: int) -> NoReturn:
 
 
 def make_mesh(mesh: MeshShape) -> DeviceMesh:
-    """The (data, model) DeviceMesh over this process group (ranks in row-major order)."""
+    """The (data, model, expert) DeviceMesh over this process group (ranks in row-major order)."""
     return init_device_mesh(device_type(), mesh.shape, mesh_dim_names=AXES)
+
+
+def mesh_shape(device_mesh: DeviceMesh) -> MeshShape:
+    return MeshShape.of(device_mesh.mesh_dim_names, device_mesh.shape)
+
+
+def batch_mesh(device_mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks a batch's rows split over: "data", or "data" and "expert" flattened into one axis
+    when there is an expert axis (DeviceMesh._flatten, as torchtitan builds its data-parallel mesh)."""
+    if mesh_shape(device_mesh).expert == 1:
+        return device_mesh["data"]
+    return device_mesh["data", "expert"]._flatten("data_expert")
+
+
+class _AllToAll(torch.autograd.Function):
+    """dist.all_to_all_single over ``group`` on (S, ...) blocks, with its gradient: the same exchange
+    of the gradient's blocks (block s came from rank s, so its gradient goes back to rank s)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllToAll.apply(grad, ctx.group), None
+
+
+def _mean_over_rows(param: torch.Tensor, group, n_rows: int) -> None:
+    """A post-accumulate-grad hook for experts split over "expert": their gradient -> the whole
+    batch's. This rank's experts received, through the all-to-all's backward, the gradients of every
+    expert rank's loss (each the mean over that rank's rows); the sum over "data" and a division by
+    the number of row shards (data x expert) makes it the mean over all of them. FSDP2's replicate()
+    cannot do this one: it reduces when a module's forward ran, and the dispatch reads the stacked
+    weights without calling Experts.forward. (JAX differentiates one program of the global loss:
+    nothing to add there.)"""
+    with torch.no_grad():
+        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+        dist.all_reduce(grad, group=group)
+        grad.div_(n_rows)
+
+
+class ExpertAllToAll(ParallelStyle):
+    """A MoE layer's dispatch on a mesh with an ``expert`` axis (MoE.dispatch; applied to the MoE
+    module over the "expert" submesh): the stacked experts become DTensors, whole experts per rank
+    (the table's EXPERTS split over "expert", Shard(0)); on each rank torch_impl.moe.exchange sends
+    every (token, choice) pair of its rows to the rank of its expert and the result back, two
+    all_to_all_single over "expert". Twin of jax_impl.sharding.ExpertAllToAll."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        experts = module.experts
+        for name, param in list(experts.named_parameters(recurse=False)):
+            experts.register_parameter(name, nn.Parameter(distribute_tensor(param.data, device_mesh, [Shard(0)])))
+        self.group, self.n_shards = device_mesh.get_group(), device_mesh.size()
+        module.dispatch = self
+        return module
+
+    def __call__(self, x, chosen, weight, experts):
+        all_to_all = functools.partial(_AllToAll.apply, group=self.group)
+        local = [p.to_local() for p in (experts.gate_proj, experts.up_proj, experts.down_proj)]  # this rank's experts
+        mlp = functools.partial(expert_mlp, gate_proj=local[0], up_proj=local[1], down_proj=local[2])
+        return exchange(x, chosen, weight, mlp, all_to_all, self.n_shards)
 
 
 class ExpertParallel(ParallelStyle):
@@ -118,8 +188,9 @@ class ExpertParallel(ParallelStyle):
         return module
 
 
-def tp_plan(cfg) -> dict[str, ColwiseParallel | RowwiseParallel]:
-    """{module path: DTensor style} for every Linear the table splits over ``model``.
+def tp_plan(cfg, mesh: MeshShape = MeshShape()) -> dict[str, ColwiseParallel | RowwiseParallel]:
+    """{module path: DTensor style} for every Linear the table splits over ``model`` (on ``mesh``:
+    stacked experts too when it has no expert axis).
 
     ColwiseParallel shards weight (out, in) and bias on dim 0 and, with use_local_output (its
     default), hands the next module a plain tensor of C / model local features; RowwiseParallel
@@ -130,8 +201,8 @@ def tp_plan(cfg) -> dict[str, ColwiseParallel | RowwiseParallel]:
         module, _, name = spec.torch_key.rpartition(".")
         if name == "weight" and spec.split in styles:
             plan[module] = styles[spec.split]()
-        elif spec.split is Split.EXPERTS:  # the stacked experts: one style for the module
-            plan[module] = ExpertParallel()
+        elif spec.split is Split.EXPERTS and spec.split.mesh_axis(mesh) == "model":
+            plan[module] = ExpertParallel()  # the stacked experts: one style for the module
     # The styles decide the bias placement themselves: check that they agree with the table.
     for spec in table_for(cfg):
         module, _, name = spec.torch_key.rpartition(".")
@@ -145,27 +216,47 @@ def tp_plan(cfg) -> dict[str, ColwiseParallel | RowwiseParallel]:
     return plan
 
 
+def expert_plan(cfg, mesh: MeshShape) -> dict[str, ExpertAllToAll]:
+    """{MoE module path: ExpertAllToAll} for every stacked-experts module the table splits over
+    ``expert`` on ``mesh`` (none without that axis)."""
+    return {spec.torch_key.rsplit(".", 2)[0]: ExpertAllToAll() for spec in table_for(cfg)
+            if spec.split.mesh_axis(mesh) == "expert"}  # fmt: skip
+
+
 def shard_model(model: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-    """Make ``model`` (built on every rank from the same weights) tensor-parallel over "model" and
-    data-parallel over "data", in place. Parameters become DTensors."""
+    """Make ``model`` (built on every rank from the same weights) tensor-parallel over "model",
+    expert-parallel over "expert" and data-parallel over "data" (and "expert"), in place.
+    Parameters become DTensors."""
     from torch.distributed._composable.replicate_with_fsdp import replicate
 
-    check_mesh(MeshShape(*device_mesh.shape), model.cfg)
-    parallelize_module(model, device_mesh["model"], tp_plan(model.cfg))
-    # Data parallel: FSDP2's replicate() keeps whole copies along "data" and averages gradients
-    # after backward (DDP semantics, FSDP2 machinery: it accepts the DTensor parameters above).
+    shape = mesh_shape(device_mesh)
+    check_mesh(shape, model.cfg)
+    parallelize_module(model, device_mesh["model"], tp_plan(model.cfg, shape))
+    experts = expert_plan(model.cfg, shape)
+    if experts:
+        parallelize_module(model, device_mesh["expert"], experts)
+    # Data parallel: FSDP2's replicate() keeps whole copies along "data" (and "expert") and averages
+    # gradients after backward (DDP semantics, FSDP2 machinery: it accepts the DTensor parameters
+    # above). Experts split over "expert" are left out of it: a hook averages theirs.
+    split_experts = {p for path in experts for p in model.get_submodule(path).experts.parameters()}
+    data = device_mesh.get_group("data")
+    mean = functools.partial(_mean_over_rows, group=data, n_rows=shape.batch_split)
+    for p in split_experts:
+        p.register_post_accumulate_grad_hook(mean)
+    rows = batch_mesh(device_mesh)
     blocks = getattr(model, "blocks", None)
     for block in blocks if blocks is not None else ():
-        replicate(block, mesh=device_mesh["data"])
-    replicate(model, mesh=device_mesh["data"])
+        replicate(block, mesh=rows, ignored_params=split_experts)
+    replicate(model, mesh=rows, ignored_params=split_experts)
     return model
 
 
 def local_rows(x, device_mesh: DeviceMesh):
-    """This process's slice of a global batch: rows split over "data", the same on every "model" rank."""
-    n = device_mesh["data"].size()
+    """This process's slice of a global batch: rows split over "data" (and "expert", data-major), the
+    same on every "model" rank."""
+    n = mesh_shape(device_mesh).batch_split
     rows = x.shape[0] // n
-    start = device_mesh.get_local_rank("data") * rows
+    start = batch_mesh(device_mesh).get_local_rank() * rows
     return x[start : start + rows]
 
 
@@ -192,12 +283,12 @@ class PeerFailure(RuntimeError):
 
 
 class ShardedTrainer(Trainer):
-    """torch_impl.train.Trainer on a (data, model) mesh: same methods, same NumPy batches (the
+    """torch_impl.train.Trainer on a (data, model, expert) mesh: same methods, same NumPy batches (the
     global batch; each process takes its rows), and state() / load() in the same gathered
     interchange layout, so a checkpoint moves between any mesh, either framework, one device."""
 
     def __init__(self, model, tcfg, device_mesh: DeviceMesh, *, compile: bool = False, bf16: bool = False):
-        check_mesh(MeshShape(*device_mesh.shape), model.cfg, batch_size=tcfg.batch_size)
+        check_mesh(mesh_shape(device_mesh), model.cfg, batch_size=tcfg.batch_size)
         self.mesh = device_mesh
         self.timeout_s = _timeout_s
         shard_model(model, device_mesh)
@@ -214,10 +305,11 @@ class ShardedTrainer(Trainer):
             return self._mean_over_data(value)
 
     def _mean_over_data(self, value: torch.Tensor) -> torch.Tensor:
-        """A per-process mean (over this process's rows) -> the global batch's mean."""
+        """A per-process mean (over this process's rows) -> the global batch's mean (over "data" and
+        "expert": the router losses' statistics pooled as one device pools them)."""
         from torch.distributed.tensor import Partial
 
-        return DTensor.from_local(value, self.mesh["data"], [Partial("avg")]).full_tensor()
+        return DTensor.from_local(value, batch_mesh(self.mesh), [Partial("avg")]).full_tensor()
 
     def step(self, x, y):
         try:

@@ -21,9 +21,25 @@ router. For the N = B * T tokens of a call, flattened row-major (token n = b * T
 5. Output = sum over kept pairs of weight * expert(x). Dispatch is dense-masked: every expert runs
    on every token and the (N, E) combine matrix, zero outside the kept pairs, weights the sum.
    E / k times the FLOPs of a gather dispatch, but static shapes (one jit compilation, one
-   torch.compile graph), the same code in both twins, and an expert-parallel split that is one
-   all-reduce (each device runs its own experts, the partial sums add up), the fallback this
-   project uses instead of an all-to-all.
+   torch.compile graph), the same code in both twins, and, on a mesh without an ``expert`` axis,
+   an expert-parallel split over ``model`` that is one all-reduce (each device runs its own
+   experts on every token, the partial sums add up).
+
+Expert parallelism (a mesh with an ``expert`` axis of size S, twin_common/mesh.py): each device
+holds E / S whole experts (experts s * E / S to (s + 1) * E / S - 1 on expert rank s) and its own
+share of the tokens, split over (data, expert) like the batch. Routing (router, choice, weights) is
+per token, so each device routes its own. Then, per device (``exchange`` in both twins): every
+(token, choice) pair is written into a buffer of S blocks of N * k slots, the token's activations in
+the slot of block s where s holds its expert (zero in the others), with the one-hot of the expert
+among s's; one all-to-all swaps block s with device s; each device runs its experts on what it
+received (the same ``expert_mlp`` as one device, on its E / S experts); a second all-to-all sends
+the results back to the pairs' own slots, and the pairs' weights combine them. A slot per pair and
+block is the dropless worst case (every pair to one device), so shapes are static and no pair is
+ever dropped; the price is S times the activations a packed buffer would send when the load is
+even. With a capacity factor the drop order (token n, then rank r, over all N tokens of the call)
+would need every device's arrivals before its own, so the mesh refuses it: expert parallelism is
+dropless. The router losses see every token: JAX computes them on the global arrays, torch pools
+their statistics over (data, expert) (router_losses' ``data_mean``).
 
 Training adds two router losses to the cross-entropy, over every MoE layer's tokens pooled (as
 transformers' ``load_balancing_loss_func`` pools its layers):

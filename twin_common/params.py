@@ -53,13 +53,24 @@ class Split(enum.Enum):
     REPLICATED = "replicated"  # every device holds all of it
     OUT_FEATURES = "out"  # torch weight (out, in): dim 0; Flax kernel (in, out): dim 1; bias: dim 0
     IN_FEATURES = "in"  # torch weight (out, in): dim 1; Flax kernel (in, out): dim 0
-    # Stacked MoE experts (E, ...): whole experts per device, dim 0 in both layouts. Expert
-    # parallelism: each device runs its own experts on every token and one all-reduce adds the
-    # partial outputs (twin_common/moe.py: the dense-masked dispatch makes that a plain sum).
+    # Stacked MoE experts (E, ...): whole experts per device, dim 0 in both layouts, over the
+    # ``expert`` mesh axis when there is one: tokens travel to their experts by all-to-all
+    # (twin_common/moe.py, "Expert parallelism"). Without it, over ``model``: each device runs its
+    # own experts on every token and one all-reduce adds the partial outputs (the dense-masked
+    # dispatch makes that a plain sum).
     EXPERTS = "experts"
 
+    def mesh_axis(self, mesh) -> str | None:
+        """The mesh axis (twin_common/mesh.py) this split divides its dimension over, on ``mesh``
+        (a MeshShape): None for a replicated parameter."""
+        if self is Split.REPLICATED:
+            return None
+        if self is Split.EXPERTS and mesh.expert > 1:
+            return "expert"
+        return "model"
+
     def torch_dim(self, spec: "ParamSpec") -> int | None:
-        """The torch-layout dimension split across ``model`` (None: replicated)."""
+        """The torch-layout dimension split (across ``mesh_axis``; None: replicated)."""
         if self is Split.REPLICATED:
             return None
         if self is Split.EXPERTS:
@@ -71,7 +82,7 @@ class Split(enum.Enum):
         return 0 if self is Split.OUT_FEATURES else 1
 
     def flax_dim(self, spec: "ParamSpec") -> int | None:
-        """The Flax-layout dimension split across ``model``: the torch one, through the transform."""
+        """The Flax-layout dimension split: the torch one, through the transform."""
         dim = self.torch_dim(spec)
         if dim is None or spec.transform is not Transform.TRANSPOSE:
             return dim

@@ -294,3 +294,277 @@ def variant_check(variant: str, direction: str, dtype: str = "float32") -> h.Res
     r.direction = f"{direction} ({variant})"
     r.config = {"model": "moe block", "n_experts": cfg.n_experts, "top_k": cfg.top_k, "variant": variant}
     return r
+
+
+# ------------------------------------------------------------------------------ the expert axis
+
+# (data, model, expert) meshes with an expert axis: moe_tiny's 4 experts, 2 per device, tokens split
+# over (data, expert). JAX on 4 simulated devices, torch on gloo processes.
+JAX_EXPERT_MESHES = ((2, 1, 2),)
+TORCH_EXPERT_MESHES = ((1, 1, 2), (2, 1, 2))
+EXPERT_STEPS = 5
+ROWS_PER_EXPERT_MESH = 4  # forward, gradients, AdamW steps, collectives
+# what each sabotage breaks: "strided-experts" (both): pairs sent to device e % S while the table
+# holds experts e // S's block there (the values rows fail); "no-all-to-all" (JAX): the dense-masked
+# fallback on expert-split weights, GSPMD's collectives in place of the dispatch (values right, the
+# collectives row fails); "unpooled-aux" (torch): each process's load-balancing statistics its own.
+JAX_SABOTAGES = ("strided-experts", "no-all-to-all")
+
+
+def expected_expert_collectives(cfg=MOE_GPT) -> dict[str, int]:
+    """A forward's collectives on a mesh with an expert axis (model 1): two all-to-alls per MoE layer
+    (the pairs out to their experts' devices, the results back), nothing else (every other layer
+    runs on its own rows with replicated weights)."""
+    return {"all-to-all": 2 * cfg.n_layers}
+
+
+def _expert_rows(framework: str, mesh, ref: dict, got: dict, comm: dict, groups_ok: bool, placement: str) -> list[h.Result]:
+    """The four rows of one framework on one expert mesh: logits, gradients (every parameter, torch
+    layout), the losses and final parameters of EXPERT_STEPS AdamW steps, and the forward's
+    collectives against expected_expert_collectives."""
+    from twin_parity.sharded_compare import SHARDED_TOLERANCE
+
+    name = f"data={mesh[0]},expert={mesh[2]}"
+    direction = f"{framework}:1 device->{framework}:{name}"
+    devices = ("cpu", None) if framework == "torch" else (None, "cpu")
+    config = {"model": "moe", "mesh": {"data": mesh[0], "model": mesh[1], "expert": mesh[2]}, "experts": placement}
+
+    def worst(a: dict, b: dict) -> tuple[float, float, str | None]:
+        errs = {k: float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))) for k in a}
+        peak = max(float(np.max(np.abs(np.asarray(v)))) for v in a.values())
+        bad = next((k for k, e in errs.items() if not e <= SHARDED_TOLERANCE), None)
+        e = max(errs.values())
+        return e, e / peak if peak else 0.0, bad
+
+    rows = []
+    e, rel, bad = worst({"logits": ref["logits"]}, {"logits": got["logits"]})
+    rows.append(("sharded_forward", e, rel, bad))
+    e, rel, bad = worst(ref["grads"], got["grads"])
+    rows.append(("sharded_grad", e, rel, bad))
+    loss_rel = [abs(a - b) / abs(a) for a, b in zip(ref["losses"], got["losses"])]
+    e, rel, bad = worst(ref["weights"], got["weights"])
+    bad_step = next((f"loss at step {i}" for i, r in enumerate(loss_rel) if not r <= SHARDED_TOLERANCE), None)
+    rows.append(("sharded_train_step", e, max(loss_rel), bad_step or bad))
+    want = expected_expert_collectives()
+    off = sum(abs(comm.get(op, 0) - want.get(op, 0)) for op in set(want) | set(comm))
+    first = None if off == 0 and groups_ok else (
+        f"{comm} (expected {want})" if off else "all-to-all not over the expert axis groups")  # fmt: skip
+    out = [h.Result(check, [th.TRAJECTORY.batch_size, th.TRAJECTORY.seq_len], "float32", *devices, direction,
+                    e, rel, SHARDED_TOLERANCE, bad is None, bad, None, config={**config, "steps": EXPERT_STEPS})
+           for check, e, rel, bad in rows]  # fmt: skip
+    out.append(h.Result("sharded_collectives", [], "float32", *devices, f"{framework}:{name} forward vs 2 all-to-all per MoE layer",
+                        float(off), float(off), 0.0, first is None, first, None, config={**config, "counts": comm}))  # fmt: skip
+    return out
+
+
+def _strided(exchange):
+    """Sabotage, for either twin's ``exchange``: expert e sent to device e % S (strided) while the
+    table puts experts e // S's block on device s (Shard(0)): a plausible slip that runs, with
+    every shape right."""
+
+    def sabotaged(x, chosen, weight, experts, all_to_all, n_shards):
+        N, k, E = chosen.shape
+        strided = chosen.reshape(N, k, E // n_shards, n_shards).swapaxes(-1, -2).reshape(N, k, E)
+        return exchange(x, strided, weight, experts, all_to_all, n_shards)
+
+    return sabotaged
+
+
+def jax_expert_rows(sabotage: str | None = None) -> list[h.Result]:
+    """JAX on JAX_EXPERT_MESHES (simulated CPU devices: this process must have started with
+    XLA_FLAGS=--xla_force_host_platform_device_count >= 4) against one device: logits, gradients of
+    the training loss (cross-entropy + router losses), EXPERT_STEPS AdamW steps, and the forward's
+    collectives read from the compiled HLO. ``sabotage``: one of JAX_SABOTAGES (some row must fail)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_impl import sharding as S
+    from jax_impl.gpt import GPT, model_loss
+    from jax_impl.train import Trainer, flax_path, split
+    from twin_common.mesh import MeshShape
+    from twin_common.params import table_for
+    from twin_parity.sharded_hlo import axis_groups, hlo_collectives, jax_counts
+
+    if sabotage == "strided-experts":
+        S.exchange = _strided(S.exchange)
+    elif sabotage == "no-all-to-all":
+        S.ExpertAllToAll.__call__ = lambda self, x, chosen, weight, experts: experts(x, (chosen * weight[..., None]).sum(1))
+    elif sabotage is not None:
+        raise ValueError(f"no JAX sabotage {sabotage!r}")
+    cfg, tcfg = MOE_GPT, th.TRAJECTORY
+    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(EXPERT_STEPS)]
+    x, y = (jnp.asarray(a, jnp.int32) for a in batches[0])
+    by_path = {spec.flax_path: spec for spec in table_for(cfg)}
+
+    def run(mesh) -> dict:
+        model = GPT(cfg, rngs=nnx.Rngs(0))
+        if mesh is None:
+            graphdef, params, rest = split(model)
+            fwd, grad = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x)), {}
+            text = ""
+        else:
+            fwd, params, rest = S.make_forward(model, mesh)
+            compiled = fwd.lower(params, rest, x).compile()
+            fwd, text = compiled, compiled.as_text()
+            graphdef = split(model)[0]
+            p_sh, _, r_sh, b_sh, _ = S.state_shardings(model, mesh)
+            grad = {"in_shardings": (p_sh, r_sh, b_sh, b_sh), "out_shardings": p_sh}
+        g = jax.jit(jax.grad(lambda p, r, x, y: model_loss(nnx.merge(graphdef, p, r), x, y)), **grad)(params, rest, x, y)
+        trainer = (Trainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg) if mesh is None
+                   else S.ShardedTrainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg, mesh))  # fmt: skip
+        losses = [float(trainer.step(*b)[0]) for b in batches]
+        return {"logits": np.asarray(fwd(params, rest, x)), "losses": losses, "weights": trainer.state()[0], "hlo": text,
+                "grads": {by_path[flax_path(kp)].torch_key: by_path[flax_path(kp)].transform.to_torch(np.asarray(v))
+                          for kp, v in jax.tree_util.tree_leaves_with_path(g)},
+                "placement": str(getattr(trainer.params["blocks"][0]["mlp"]["experts"]["gate_proj"].sharding, "spec", None))}  # fmt: skip
+
+    rows = []
+    with matched_precision():
+        ref = run(None)
+        for mesh in JAX_EXPERT_MESHES:
+            got = run(S.make_mesh(MeshShape(*mesh)))
+            found = hlo_collectives(got["hlo"])
+            expert_groups = axis_groups(np.arange(int(np.prod(mesh))).reshape(mesh), 2)
+            groups_ok = all(sorted(sorted(g) for g in groups) == expert_groups
+                            for op, groups in found if op == "all-to-all")  # fmt: skip
+            rows += _expert_rows("jax", mesh, ref, got, jax_counts(found), groups_ok, got["placement"])
+    return rows
+
+
+TORCH_SABOTAGES = ("strided-experts", "unpooled-aux")
+
+
+def _torch_expert_rank(rank: int, world: int, port: int, out: str, mesh: tuple[int, int, int], sabotage) -> None:
+    """One gloo process of the torch expert-axis run on ``mesh`` (data, model, expert): its rows'
+    logits and the forward's collectives (CommDebugMode), the gathered gradients of the training loss
+    and EXPERT_STEPS AdamW steps (losses, final weights), written to ``out``.RANK."""
+    import json
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # what torchrun sets  # fmt: skip
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # FSDP2's hooks, harmless here
+    import torch
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from torch_impl import sharding as S
+    from torch_impl.gpt import GPT
+    from twin_common.mesh import MeshShape
+
+    if sabotage == "strided-experts":
+        S.exchange = _strided(S.exchange)
+    torch.set_num_threads(1)
+    torch.set_float32_matmul_precision("highest")  # torch's CPU default, pinned as in matched_precision
+    cfg, tcfg = MOE_GPT, th.TRAJECTORY
+    device_mesh = S.init_distributed(MeshShape(*mesh), cfg, batch_size=tcfg.batch_size, timeout_s=60)
+    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(EXPERT_STEPS)]
+    local = [(S.local_rows(x, device_mesh), S.local_rows(y, device_mesh)) for x, y in batches]
+
+    def trainer():
+        torch.manual_seed(0)
+        t = S.ShardedTrainer(GPT(cfg), tcfg, device_mesh)
+        if sabotage == "unpooled-aux":  # each process's router statistics its own rows'
+            t.loss_of = t.loss_of.func
+        return t
+
+    torch.manual_seed(0)
+    model = S.shard_model(GPT(cfg), device_mesh).eval()
+    comm = CommDebugMode()
+    with torch.no_grad(), comm:
+        logits = model(torch.from_numpy(local[0][0])).numpy()
+    counts = {str(op).split(".")[-1]: n for op, n in comm.get_comm_counts().items()}
+    t = trainer()
+    t.loss_of(t.model, torch.from_numpy(local[0][0]), torch.from_numpy(local[0][1])).backward()
+    grads = {k: S.gather(p.grad).numpy().tolist() for k, p in t.model.named_parameters()}
+    t = trainer()
+    losses = [float(t.step(*b)[0]) for b in batches]
+    weights = {k: v.tolist() for k, v in t.state()[0].items()}
+    doc = {"row": S.batch_mesh(device_mesh).get_local_rank(), "logits": logits.tolist(), "counts": counts}
+    if rank == 0:
+        doc.update(grads=grads, losses=losses, weights=weights, placement=str(t.model.blocks[0].mlp.experts.gate_proj.placements))
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(doc, f)
+    S.finish(device_mesh)
+
+
+def torch_expert_rows(mesh: tuple[int, int, int] = (2, 1, 2), sabotage: str | None = None) -> list[h.Result]:
+    """torch on ``mesh`` (gloo processes, forked) against one device in this process: the logits of
+    every row, the gradients of the training loss, EXPERT_STEPS AdamW steps, and the forward's
+    collectives (CommDebugMode on rank 0). ``sabotage``: one of TORCH_SABOTAGES (some row must fail)."""
+    import json
+    import os
+    import socket
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from torch_impl.gpt import GPT
+    from torch_impl.gpt import model_loss
+    from torch_impl.train import Trainer
+
+    if sabotage not in (None, *TORCH_SABOTAGES):
+        raise ValueError(f"no torch sabotage {sabotage!r}")
+    cfg, tcfg = MOE_GPT, th.TRAJECTORY
+    batches = [th.token_batch(cfg, tcfg.batch_size, tcfg.seq_len, 0, s) for s in range(EXPERT_STEPS)]
+    world = int(np.prod(mesh))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank")
+        mp.start_processes(_torch_expert_rank, args=(world, port, out, mesh, sabotage), nprocs=world, start_method="fork")
+        docs = []
+        for r in range(world):
+            with open(f"{out}.{r}") as f:
+                docs.append(json.load(f))
+    by_row = {d["row"]: np.asarray(d["logits"]) for d in docs}  # model ranks of a row group agree
+    got = {"logits": np.concatenate([by_row[i] for i in sorted(by_row)]), "losses": docs[0]["losses"],
+           "grads": docs[0]["grads"], "weights": docs[0]["weights"]}  # fmt: skip
+    with matched_precision():
+        torch.manual_seed(0)
+        model = GPT(cfg).eval()
+        x, y = (torch.from_numpy(a) for a in batches[0])
+        with torch.no_grad():
+            logits = model(x).numpy()
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        model_loss(model, x, y).backward()
+        grads = {k: p.grad.numpy() for k, p in model.named_parameters()}
+        torch.manual_seed(0)
+        one = Trainer(GPT(cfg), tcfg)
+        ref = {"logits": logits, "grads": grads, "losses": [float(one.step(*b)[0]) for b in batches],
+               "weights": one.state()[0]}  # fmt: skip
+    # CommDebugMode names c10d's ops: dist.all_to_all_single is alltoall_base_
+    counts = {("all-to-all" if op.startswith("alltoall") else op): n for op, n in docs[0]["counts"].items()}
+    return _expert_rows("torch", mesh, ref, got, counts, True, docs[0]["placement"])
+
+
+def run_jax_expert(timeout: float = 600, sabotage: str | None = None) -> list[dict]:
+    """jax_expert_rows in a subprocess with 4 simulated CPU devices; the rows as dicts (``sabotage``:
+    one of JAX_SABOTAGES)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "twin_parity.moe_harness", "jax-expert", *([sabotage] if sabotage else [])],
+                          env=env, cwd=repo, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if proc.returncode:
+        raise RuntimeError(f"the sharded MoE worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if sys.argv[1:2] != ["jax-expert"] or len(sys.argv) > 3:
+        sys.exit("usage: python -m twin_parity.moe_harness jax-expert [SABOTAGE]")
+    print(json.dumps([r.to_json() for r in jax_expert_rows(*sys.argv[2:])]))

@@ -49,6 +49,12 @@ def jax_counts(comm: list) -> dict[str, int]:
     return counts
 
 
+def axis_groups(device_ids: np.ndarray, axis: int) -> list[list[int]]:
+    """The device groups along one axis of an array of device ids (a mesh's devices): its lines along it."""
+    ids = np.moveaxis(np.asarray(device_ids), axis, -1)
+    return sorted(sorted(int(i) for i in row) for row in ids.reshape(-1, ids.shape[-1]))
+
+
 def model_axis_groups(device_ids: np.ndarray) -> list[list[int]]:
-    """The "model" axis groups of a (data, model) array of device ids: its rows."""
-    return sorted(sorted(int(i) for i in row) for row in device_ids)
+    """The "model" axis groups of a (data, model[, expert]) array of device ids."""
+    return axis_groups(device_ids, 1)
