@@ -166,3 +166,33 @@ def test_a_bad_chunk_size_is_refused_by_both_trainers(bad):
         tt.Trainer(tg.GPT(cfg), tcfg, loss_chunk=bad)
     with pytest.raises(ValueError, match=message):
         jt.Trainer(jg.GPT(cfg, rngs=nnx.Rngs(0)), tcfg, loss_chunk=bad)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_the_training_script_takes_a_loss_chunk(tmp_path, framework):
+    """scripts.train --loss-chunk 7 (64 positions per step: 9 chunks of 7 and one of 1) logs the
+    losses of the unchunked run within the training parity bound."""
+    import json
+
+    from scripts import train as T
+
+    fast = ["--framework", framework, "--model", "tiny", "--batch-size", "4", "--seq-len", "16", "--steps", "6",
+            "--warmup", "2", "--eval-every", "0", "--sample", "0", "--quiet"]  # fmt: skip
+    losses = {}
+    for chunk in (0, 7):
+        out = tmp_path / f"chunk{chunk}"
+        assert T.main([*fast, "--out", str(out), "--loss-chunk", str(chunk)]) == 0
+        losses[chunk] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(losses[7]) == 6
+    np.testing.assert_allclose(losses[7], losses[0], rtol=th.TRAIN_TOLERANCE, atol=0)
+
+
+def test_the_training_script_refuses_a_bad_loss_chunk(tmp_path, capsys):
+    from scripts import train as T
+
+    base = ["--framework", "jax", "--model", "tiny", "--quiet"]
+    assert T.main([*base, "--out", str(tmp_path / "a"), "--loss-chunk", "-3"]) == 2
+    assert "--loss-chunk must be >= 0, got -3" in capsys.readouterr().err
+    assert T.main([*base, "--out", str(tmp_path / "b"), "--loss-chunk", "8", "--mesh", "data=1,model=1"]) == 2
+    assert "--loss-chunk is for one device, not --mesh" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
