@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     modes, comm = [], None
     for name, kernel, chunk in itertools.product(names, dict.fromkeys(args.attention), dict.fromkeys(args.loss_chunk)):
         c = dataclasses.replace(cfg, attn_kernel=kernel)
-        variant = [kernel] * (len(args.attention) > 1) + [f"loss chunk {chunk or 'none'}"] * (len(args.loss_chunk) > 1)
+        variant = [kernel] * (len(args.attention) > 1) + [f"loss chunk {chunk or 'none'}"] * (chunk > 0 or len(args.loss_chunk) > 1)
         label = f"{name} ({', '.join(variant)})" if variant else name
         print(f"  {label}: building and warming up ...", file=sys.stderr, flush=True)
         if name.startswith("torch"):
