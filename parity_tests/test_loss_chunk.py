@@ -27,6 +27,7 @@ from twin_parity import train_harness as th  # noqa: E402
 # SMALL_GPT's batch is 4 x 16 = 64 positions: 5 leaves a last chunk of 4, 16 divides it, 64 is
 # one chunk, 1000 is more than there is
 CHUNKS = [5, 16, 64, 1000]
+TINY = GPTConfig(vocab_size=64, block_size=16, n_layers=1, d_model=32, n_heads=4)
 # A head whose logits dominate the step's memory: (B * T, V) = (1024, 4096) float32 is 16 MiB,
 # against 0.5 MiB for the largest other activation (B * T x 4 * d_model)
 WIDE_VOCAB = GPTConfig(vocab_size=4096, block_size=64, n_layers=1, d_model=32, n_heads=4)
@@ -121,7 +122,6 @@ def test_the_compiled_chunked_step_is_one_graph_and_matches_eager(monkeypatch):
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    cfg = GPTConfig(vocab_size=64, block_size=16, n_layers=1, d_model=32, n_heads=4)
     counter = CompileCounterWithBackend("aot_eager")
     real_compile = torch.compile
     tcfg = TrainConfig(steps=4, batch_size=2, seq_len=8)
@@ -132,7 +132,7 @@ def test_the_compiled_chunked_step_is_one_graph_and_matches_eager(monkeypatch):
     for compiled, chunk in ((False, 0), (False, 5), (True, 5)):
         monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counter}))
         torch.manual_seed(0)
-        trainer = tt.Trainer(tg.GPT(cfg), tcfg, compile=compiled, loss_chunk=chunk)
+        trainer = tt.Trainer(tg.GPT(TINY), tcfg, compile=compiled, loss_chunk=chunk)
         monkeypatch.setattr(torch, "compile", real_compile)
         results[compiled, chunk] = np.array([[float(v) for v in trainer.step(*b)] for b in batches])
     torch._dynamo.reset()
@@ -144,13 +144,12 @@ def test_the_compiled_chunked_step_is_one_graph_and_matches_eager(monkeypatch):
 def test_the_jax_trainer_chunked_matches_unchunked():
     """Three jitted optax steps with loss_chunk=5 against loss_chunk=0: losses and norms within the
     training parity bound (TRAIN_TOLERANCE, relative), as torch's above."""
-    cfg = GPTConfig(vocab_size=64, block_size=16, n_layers=1, d_model=32, n_heads=4)
     tcfg = TrainConfig(steps=4, batch_size=2, seq_len=8)
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 64, (2, 8)), rng.integers(0, 64, (2, 8))) for _ in range(3)]
     results = {}
     for chunk in (0, 5):
-        trainer = jt.Trainer(jg.GPT(cfg, rngs=nnx.Rngs(0)), tcfg, loss_chunk=chunk)
+        trainer = jt.Trainer(jg.GPT(TINY, rngs=nnx.Rngs(0)), tcfg, loss_chunk=chunk)
         results[chunk] = np.array([[float(v) for v in trainer.step(*b)] for b in batches])
         results[chunk, "eval"] = trainer.eval_loss(*batches[0])
     np.testing.assert_allclose(results[5], results[0], rtol=th.TRAIN_TOLERANCE, atol=0)
@@ -159,13 +158,12 @@ def test_the_jax_trainer_chunked_matches_unchunked():
 
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "8"])
 def test_a_bad_chunk_size_is_refused_by_both_trainers(bad):
-    cfg = GPTConfig(vocab_size=64, block_size=16, n_layers=1, d_model=32, n_heads=4)
     tcfg = TrainConfig(steps=2, batch_size=2, seq_len=8)
     message = r"loss_chunk must be an int >= 0 \(0: no chunking\), got"
     with pytest.raises(ValueError, match=message):
-        tt.Trainer(tg.GPT(cfg), tcfg, loss_chunk=bad)
+        tt.Trainer(tg.GPT(TINY), tcfg, loss_chunk=bad)
     with pytest.raises(ValueError, match=message):
-        jt.Trainer(jg.GPT(cfg, rngs=nnx.Rngs(0)), tcfg, loss_chunk=bad)
+        jt.Trainer(jg.GPT(TINY, rngs=nnx.Rngs(0)), tcfg, loss_chunk=bad)
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
