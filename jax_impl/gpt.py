@@ -145,7 +145,8 @@ def chunked_loss_fn(head, x: jax.Array, targets: jax.Array, chunk: int) -> jax.A
     """loss_fn(head(x), targets) over ``chunk`` positions at a time: only one chunk's (chunk, V)
     logits exist at once, never the (B, T, V) ones, and the backward recomputes each chunk's
     (activation checkpointing) instead of keeping them. The same log-softmax in at least float32
-    per position; the mean is the sum of the chunks' sums over B * T (the last chunk may be shorter)."""
+    per position; the mean is the sum of the chunks' sums over B * T (the last chunk may be
+    shorter)."""
     C = x.shape[-1]
     x, targets = x.reshape(-1, C), targets.reshape(-1)  # (N, C), (N,)
     N = x.shape[0]
@@ -159,7 +160,8 @@ def chunked_loss_fn(head, x: jax.Array, targets: jax.Array, chunk: int) -> jax.A
     # lax.map: one loop (a scan) over the equal chunks, then the shorter last one; a Python loop
     # would unroll into the program, and a scan needs chunks of one shape (torch's twin slices)
     full = N // chunk * chunk
-    sums = jax.lax.map(lambda a: chunk_sum(*a), (x[:full].reshape(-1, chunk, C), targets[:full].reshape(-1, chunk)))
+    chunks = (x[:full].reshape(-1, chunk, C), targets[:full].reshape(-1, chunk))
+    sums = jax.lax.map(lambda a: chunk_sum(*a), chunks)
     if full < N:
         sums = jnp.concatenate([sums, chunk_sum(x[full:], targets[full:])[None]])
     return sums.sum() / N

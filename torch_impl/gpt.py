@@ -135,7 +135,8 @@ def chunked_loss_fn(head, x: torch.Tensor, targets: torch.Tensor, chunk: int) ->
     """loss_fn(head(x), targets) over ``chunk`` positions at a time: only one chunk's (chunk, V)
     logits exist at once, never the (B, T, V) ones, and the backward recomputes each chunk's
     (activation checkpointing) instead of keeping them. The same log-softmax in at least float32
-    per position; the mean is the sum of the chunks' sums over B * T (the last chunk may be shorter)."""
+    per position; the mean is the sum of the chunks' sums over B * T (the last chunk may be
+    shorter)."""
     C = x.shape[-1]
     x, targets = x.reshape(-1, C), targets.reshape(-1)  # (N, C), (N,)
     N = x.shape[0]
