@@ -100,6 +100,6 @@ def test_the_gpu_check_fits_in_eight_minutes_and_measures_both_levers(tmp_path):
         assert grace.startswith("--kill-after="), call
         total += int(limit) + int(grace.split("=")[1])
     assert total <= 480, f"{len(calls)} stages: {total} s with the grace periods"
-    assert any("scripts.bench_train" in c and "--loss-chunk 2048" in c for c in calls), calls
+    assert any("scripts.bench_train" in c and "--loss-chunk 4096" in c for c in calls), calls
     assert any("scripts.bench_generate" in c and "--loop host device" in c for c in calls), calls
     assert len((tmp_path / "summary.txt").read_text().splitlines()) == len(calls)
