@@ -7,6 +7,8 @@ the cache donated so XLA updates it in place. It is defined once at module level
 keyed by the split's static structure (SplitSpec) and the shapes, serves every position and every
 generate call. Per token the host does one jitted call on device-resident arrays and one read of
 the tokens: no graph hashing, no pytree flattening in Python, no host-to-device copy.
+``run(..., loop="device")`` goes further: after the prefill, every decode step runs inside one
+jitted ``jax.lax.fori_loop`` (device_loop), the host waiting once for all the tokens.
 """
 
 from __future__ import annotations
@@ -94,12 +96,7 @@ def split_spec(graphdef, treedefs) -> SplitSpec:
     return SplitSpec(graphdef, treedefs)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("spec", "greedy", "top_k", "use_top_p"),
-    donate_argnames=("cache",),
-)
-def loop_step(
+def step_on_leaves(
     spec: SplitSpec, params, cache, rest, idx, n, schedule, start, uniforms, temperature, top_p,
     *, greedy: bool, top_k: int, use_top_p: bool,
 ):  # fmt: skip
@@ -116,17 +113,56 @@ def loop_step(
     return token, logits, jax.tree.leaves(cache), token[:, None], n + 1
 
 
+# one step per call from the host loop (run, loop="host"), the cache donated
+loop_step = jax.jit(step_on_leaves, static_argnames=("spec", "greedy", "top_k", "use_top_p"), donate_argnames=("cache",))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("spec", "greedy", "top_k", "use_top_p", "record_logits"),
+    donate_argnames=("cache",),
+)
+def device_loop(
+    spec: SplitSpec, params, cache, rest, idx, n, end, schedule, start, uniforms, temperature, top_p, logits,
+    *, greedy: bool, top_k: int, use_top_p: bool, record_logits: bool,
+):  # fmt: skip
+    """Steps n..end-1 of the loop in one jax.lax.fori_loop: step_on_leaves, the step counter, the
+    next idx and the cache carried on the device, step i's tokens written into row i of a
+    (cache_len, B) array (the per-call arrays' shape, so end, like n, is traced: one compilation
+    for every max_new_tokens). ``logits``: the prefill's (B, V), for the shape of the record.
+    Returns (tokens (cache_len, B), logits (cache_len, B, V) or None, the cache's arrays)."""
+    tokens = jnp.zeros(uniforms.shape, idx.dtype)  # the carried idx is the previous step's tokens
+    record = jnp.zeros(uniforms.shape + logits.shape[1:], logits.dtype) if record_logits else None
+
+    def body(i, carry):
+        tokens, record, cache, idx = carry
+        token, logits, cache, idx, _ = step_on_leaves(
+            spec, params, cache, rest, idx, i, schedule, start, uniforms, temperature, top_p,
+            greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+        )  # fmt: skip
+        return tokens.at[i].set(token), record.at[i].set(logits) if record_logits else None, cache, idx
+
+    tokens, record, cache, _ = jax.lax.fori_loop(n, end, body, (tokens, record, cache, idx))
+    return tokens, record, cache
+
+
 def run(
     model: GPT, prompts, max_new_tokens: int, sampling: Sampling = Sampling(), *, seed: int = 0,
     stop_tokens=(), cache_len: int | None = None, record_logits: bool = False, compile: str | None = None,
-    on_step=None,
+    on_step=None, loop: str = "host",
 ) -> Generation:  # fmt: skip
     """Generate up to ``max_new_tokens`` after each prompt (lists of token ids, any lengths): one
     prefill, then one token per step; a row stops after a stop token, the loop when all rows have.
     ``compile`` is accepted for the twin's signature and ignored: the step is always jitted.
-    ``on_step(i, tokens)`` is called after each token. Everything is validated before anything
-    runs (ValueError)."""
+    ``on_step(i, tokens)`` is called after each token. ``loop``: "host" (one jitted call per step)
+    or "device" (after the prefill, every step in one jitted fori_loop, device_loop: the same
+    tokens; no stop tokens, since the loop does not stop early; on_step is then called for each
+    step once all have run). Everything is validated before anything runs (ValueError)."""
     del compile
+    if loop not in ("host", "device"):
+        raise ValueError(f'loop must be "host" or "device", got {loop!r}')
+    if loop == "device" and stop_tokens:
+        raise ValueError('loop="device" runs every step without looking at the tokens: it takes no stop_tokens')
     rows, cache_len, stops = check_request(prompts, max_new_tokens, model.cfg, cache_len=cache_len,
                                            stop_tokens=stop_tokens)  # fmt: skip
     B = len(rows)
@@ -153,8 +189,8 @@ def run(
     if isinstance(device, jax.sharding.NamedSharding):  # a sharded model: the loop's arrays replicated on its mesh
         device = jax.sharding.NamedSharding(device.mesh, jax.sharding.PartitionSpec())
     on_device = (padded, schedule, lay.start, np.float32(sampling.temperature or 1.0), np.float32(sampling.top_p),
-                 lay.tokens, np.int32(0))  # fmt: skip
-    u_all, schedule, start, temperature, top_p, idx, n = jax.device_put(on_device, device)
+                 lay.tokens, np.int32(0), np.int32(max_new_tokens))  # fmt: skip
+    u_all, schedule, start, temperature, top_p, idx, n, end = jax.device_put(on_device, device)
     out: list[list[int]] = [[] for _ in rows]
     done = [False] * B
     logits_seen = []
@@ -163,8 +199,15 @@ def run(
     steps = 0
     try:
         for i in range(max_new_tokens):
-            token, logits, cache, idx, n = loop_step(spec, params, cache, rest, idx, n, schedule, start, u_all,
-                                                     temperature, top_p, **modes)  # fmt: skip
+            if i == 1 and loop == "device":  # the remaining steps in one call, their tokens read once
+                tokens, record, cache = device_loop(spec, params, cache, rest, idx, n, end, schedule, start, u_all,
+                                                    temperature, top_p, logits, **modes, record_logits=record_logits)  # fmt: skip
+                device_tokens, device_logits = np.asarray(tokens), np.asarray(record) if record_logits else None
+            if loop == "device" and i >= 1:
+                token, logits = device_tokens[i], device_logits[i] if record_logits else None
+            else:
+                token, logits, cache, idx, n = loop_step(spec, params, cache, rest, idx, n, schedule, start, u_all,
+                                                         temperature, top_p, **modes)  # fmt: skip
             steps += 1
             new = checked_tokens(np.asarray(token).tolist(), i)  # the one host sync per step, after the step
             if record_logits:

@@ -12,7 +12,7 @@ from flax import nnx
 
 from jax_impl.block import Block, KVCache, dtype_name, norm
 from twin_common import GPTConfig
-from twin_common.checks import check_token_input
+from twin_common.checks import check_loss_chunk, check_token_input
 
 
 def embedding(n: int, d: int, cfg: GPTConfig, *, param_dtype, rngs: nnx.Rngs) -> nnx.Embed:
@@ -53,6 +53,13 @@ class GPT(nnx.Module):
             )  # fmt: skip
 
     def __call__(self, idx: jax.Array, return_intermediates: bool = False):
+        x, inter = self.features(idx, return_intermediates)
+        logits = self.head(x)  # (B, T, V)
+        inter["logits"] = logits
+        return (logits, inter) if return_intermediates else logits
+
+    def features(self, idx: jax.Array, return_intermediates: bool = False):
+        """(the final norm's output (B, T, C), intermediates): the model up to its LM head."""
         try:  # the ids' values are only visible outside jit; under jit the Trainer checks the batch
             value_range = (int(idx.min()), int(idx.max())) if idx.size else None
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
@@ -71,9 +78,7 @@ class GPT(nnx.Module):
             inter[f"blocks.{i}"] = x
         x = self.ln_f(x)
         inter["ln_f"] = x
-        logits = self.head(x)  # (B, T, V)
-        inter["logits"] = logits
-        return (logits, inter) if return_intermediates else logits
+        return x, inter
 
     def embed(self, idx: jax.Array, pos: jax.Array) -> jax.Array:
         """Token embeddings plus, with learned positions, those of ``pos`` (T,) or (B, T)."""
@@ -136,16 +141,49 @@ def loss_fn(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def model_loss(model: GPT, idx: jax.Array, targets: jax.Array) -> jax.Array:
-    """The training loss: loss_fn, plus with an MoE MLP the router's load-balancing loss and z-loss
+def chunked_loss_fn(head, x: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+    """loss_fn(head(x), targets) over ``chunk`` positions at a time: only one chunk's (chunk, V)
+    logits exist at once, never the (B, T, V) ones, and the backward recomputes each chunk's
+    (activation checkpointing) instead of keeping them. The same log-softmax in at least float32
+    per position; the mean is the sum of the chunks' sums over B * T (the last chunk may be
+    shorter)."""
+    C = x.shape[-1]
+    x, targets = x.reshape(-1, C), targets.reshape(-1)  # (N, C), (N,)
+    N = x.shape[0]
+
+    @jax.checkpoint
+    def chunk_sum(xc: jax.Array, tc: jax.Array) -> jax.Array:
+        logits = head(xc)  # (chunk, V)
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tc).sum()
+
+    # lax.map: one loop (a scan) over the equal chunks, then the shorter last one; a Python loop
+    # would unroll into the program, and a scan needs chunks of one shape (torch's twin slices)
+    full = N // chunk * chunk
+    chunks = (x[:full].reshape(-1, chunk, C), targets[:full].reshape(-1, chunk))
+    sums = jax.lax.map(lambda a: chunk_sum(*a), chunks)
+    if full < N:
+        sums = jnp.concatenate([sums, chunk_sum(x[full:], targets[full:])[None]])
+    return sums.sum() / N
+
+
+def lm_loss(model: GPT, x: jax.Array, targets: jax.Array, loss_chunk: int = 0) -> jax.Array:
+    """The cross-entropy of the LM head on ``x``, the final norm's output (B, T, C): loss_fn on the
+    whole (B, T, V) logits, or with ``loss_chunk`` > 0 chunked_loss_fn over that many positions."""
+    if check_loss_chunk(loss_chunk):
+        return chunked_loss_fn(model.head, x, targets, loss_chunk)
+    return loss_fn(model.head(x), targets)
+
+
+def model_loss(model: GPT, idx: jax.Array, targets: jax.Array, loss_chunk: int = 0) -> jax.Array:
+    """The training loss: lm_loss, plus with an MoE MLP the router's load-balancing loss and z-loss
     (jax_impl/moe.py) times their config coefficients. (torch's twin takes a ``data_mean`` for its
     data-parallel processes; a jitted step over a sharded batch already sees the whole batch.)"""
     cfg = model.cfg
     if cfg.mlp != "moe":
-        return loss_fn(model(idx), targets)
+        return lm_loss(model, model.features(idx)[0], targets, loss_chunk)
     from jax_impl.moe import router_losses
 
-    logits, inter = model(idx, return_intermediates=True)
+    x, inter = model.features(idx, return_intermediates=True)
     balance, z_loss = router_losses([inter[f"blocks.{i}.router_logits"] for i in range(cfg.n_layers)], cfg)
-    return loss_fn(logits, targets) + cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z_loss
-
+    return lm_loss(model, x, targets, loss_chunk) + cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z_loss

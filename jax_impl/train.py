@@ -16,8 +16,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jax_impl.gpt import GPT, loss_fn, model_loss
-from twin_common.checks import check_token_input
+from jax_impl.gpt import GPT, lm_loss, model_loss
+from twin_common.checks import check_loss_chunk, check_token_input
 from twin_common.train_config import TrainConfig
 from weight_conversion.flax_side import flax_path
 from twin_common.params import table_for
@@ -76,14 +76,15 @@ def cast_params(params, dtype):
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, compute_dtype=None, shardings=None):
+def make_train_step(graphdef, tx: optax.GradientTransformation, compute_dtype=None, shardings=None,
+                    loss_chunk: int = 0):  # fmt: skip
     """A jitted (params, opt_state, rest, x, y) -> (params, opt_state, rest, loss, grad_norm).
 
     params and opt_state are donated: XLA updates them in place instead of keeping two copies.
     ``compute_dtype`` (e.g. bfloat16) runs forward and backward in that dtype against float32
     master weights. ``shardings``: (params, opt_state, rest, batch, scalar) shardings over a mesh
     (jax_impl/sharding.py); the step then takes and returns arrays laid out so, and XLA's SPMD
-    partitioner inserts the collectives."""
+    partitioner inserts the collectives. ``loss_chunk``: see Trainer."""
     kwargs = {}
     if shardings is not None:
         p, o, r, b, s = shardings
@@ -97,7 +98,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, compute_dtype=No
             # Fresh Variables for the RNG state inside this trace: NNX refuses to mutate (advance a
             # dropout RNG) a Variable that was created at an outer trace level.
             model = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, rest))
-            loss = model_loss(model, x, y)  # + the router losses of an MoE model
+            loss = model_loss(model, x, y, loss_chunk)  # + the router losses of an MoE model
             return loss, nnx.state(model, nnx.Not(nnx.Param))  # dropout RNG state moves on
 
         (loss, rest_out), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
@@ -108,7 +109,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, compute_dtype=No
     return train_step
 
 
-def make_eval_loss(graphdef, shardings=None):
+def make_eval_loss(graphdef, shardings=None, loss_chunk: int = 0):
     kwargs = {}
     if shardings is not None:  # as make_train_step's
         p, _, r, b, s = shardings
@@ -118,7 +119,7 @@ def make_eval_loss(graphdef, shardings=None):
     def eval_loss(params, rest, x, y):
         model = nnx.merge(graphdef, params, rest)
         model.eval()
-        return loss_fn(model(x), y)
+        return lm_loss(model, model.features(x)[0], y, loss_chunk)
 
     return eval_loss
 
@@ -127,9 +128,12 @@ class Trainer:
     """A GPT split for the jitted step, its optax state and the step counter: what the training
     script drives. Twin of torch_impl.train.Trainer (same methods, same arguments, NumPy in and out)."""
 
-    def __init__(self, model: GPT, tcfg: TrainConfig, *, compile: bool = True, bf16: bool = False):
+    def __init__(self, model: GPT, tcfg: TrainConfig, *, compile: bool = True, bf16: bool = False,
+                 loss_chunk: int = 0):  # fmt: skip
         """``bf16``: every parameter cast to bfloat16 inside the step, float32 master copies kept
-        (JAX's idiom; torch's twin uses autocast, which keeps LayerNorm in float32)."""
+        (JAX's idiom; torch's twin uses autocast, which keeps LayerNorm in float32). ``loss_chunk``:
+        the cross-entropy over that many positions at a time (gpt.chunked_loss_fn: the (B, T, V)
+        float32 logits never exist at once); 0, the default, computes it over the whole logits."""
         del compile  # always jax.jit-compiled; the flag exists for the torch twin's torch.compile
         self.model, self.tcfg = model, tcfg
         model.train()
@@ -137,8 +141,10 @@ class Trainer:
         self.graphdef, self.params, self.rest = split(model)
         self.opt_state = self.tx.init(self.params)
         self._commit()
-        self._train_step = make_train_step(self.graphdef, self.tx, jnp.bfloat16 if bf16 else None)
-        self._eval_loss = make_eval_loss(self.graphdef)
+        self.loss_chunk = check_loss_chunk(loss_chunk)
+        self._train_step = make_train_step(self.graphdef, self.tx, jnp.bfloat16 if bf16 else None,
+                                           loss_chunk=loss_chunk)  # fmt: skip
+        self._eval_loss = make_eval_loss(self.graphdef, loss_chunk=loss_chunk)
         self.step_count = 0
 
     def step(self, x, y) -> tuple[jax.Array, jax.Array]:

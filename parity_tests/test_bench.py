@@ -73,3 +73,33 @@ def test_sharded_bench_counts_the_collectives_megatron_predicts():
     assert rows["all-reduce over model"][-2] == "8", proc.stdout
     assert rows["analytic: model axis, 4 per block x (B/data)*T*C"][-2] == "8", proc.stdout
     assert not any(k.startswith("all-gather") for k in rows), proc.stdout
+
+
+def test_the_gpu_check_fits_in_eight_minutes_and_measures_both_levers(tmp_path):
+    """scripts/gpu_check.sh as the GPU run would go (not the smoke settings), with `timeout` replaced
+    by a stand-in that records its arguments instead of running the stage: the stages' limits plus
+    each one's grace before the kill add up to at most 480 s, the train bench measures the chunked
+    loss and the decode bench the Flax device loop."""
+    import os
+    import stat
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "timeout"
+    fake.write_text('#!/bin/sh\nprintf "%s " "$@" | tr "\\n" " " >> "$OUT/calls.txt"\necho >> "$OUT/calls.txt"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path), "GPU_CHECK_SMOKE": "0"}
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    total = 0
+    for call in calls:
+        grace, limit = call.split()[:2]
+        assert grace.startswith("--kill-after="), call
+        total += int(limit) + int(grace.split("=")[1])
+    assert total <= 480, f"{len(calls)} stages: {total} s with the grace periods"
+    assert any("scripts.bench_train" in c and "--loss-chunk 4096" in c for c in calls), calls
+    assert any("scripts.bench_generate" in c and "--loop host device" in c for c in calls), calls
+    assert len((tmp_path / "summary.txt").read_text().splitlines()) == len(calls)

@@ -5,7 +5,8 @@ replay overwrites, so the loop marks each step's start and feeds the next step a
 A stand-in for the compiled step, run on CPU, behaves as a CUDA graph does (it poisons its previous
 output buffer before each replay) and checks the marking.
 Flax: after warm-up a decode step hashes no GraphDef (hashing the model's graph definition costs
-milliseconds per call on a GPU host) and copies nothing from the host to the device."""
+milliseconds per call on a GPU host) and copies nothing from the host to the device; with
+loop="device" every decode step runs in one jitted call and gives the host loop's tokens."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from jax_impl.gpt import GPT as FlaxGPT  # noqa: E402
 from torch_impl.gpt import GPT as TorchGPT  # noqa: E402
 from twin_common import GPTConfig  # noqa: E402
 from twin_common.generation import Sampling  # noqa: E402
+from twin_common.tolerances import tolerance_for  # noqa: E402
 
 TINY = GPTConfig(vocab_size=64, block_size=32, n_layers=1, d_model=32, n_heads=2, init_std=0.2)
 PROMPTS = [[1, 2, 3], [9]]
@@ -124,3 +126,44 @@ def _torch_twin(flax_model):
     model = TorchGPT(TINY)
     wc.import_(model, wc.export(flax_model))
     return model
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS + [Sampling(1.0)], ids=["greedy", "top-k+top-p", "temperature 1"])
+def test_the_flax_device_loop_gives_the_host_loops_tokens_in_one_call(flax_model, sampling, monkeypatch):
+    """loop="device": the prefill, then one device_loop call for the 11 other steps; the same uniforms,
+    the same tokens as the host loop (and as torch's), logits within the float32 bound (measured
+    equal bit for bit on the 2-core CPU: the loop body is the host loop's step)."""
+    host = jg.run(flax_model, PROMPTS, 12, sampling, seed=3, record_logits=True)
+    real, calls, seen = jg.device_loop, [], []
+    monkeypatch.setattr(jg, "device_loop", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with jax.transfer_guard_host_to_device("disallow"):  # the per-call arrays are put explicitly, once
+        device = jg.run(flax_model, PROMPTS, 12, sampling, seed=3, record_logits=True, loop="device",
+                        on_step=lambda i, new: seen.append(i))  # fmt: skip
+    assert calls == [1] and seen == list(range(12))
+    assert device.tokens == host.tokens and device.steps == host.steps == 11
+    np.testing.assert_array_equal(device.uniforms, host.uniforms)
+    assert np.max(np.abs(device.logits - host.logits)) <= tolerance_for("float32").atol
+    monkeypatch.undo()
+    assert device.tokens == tg.generate(_torch_twin(flax_model), PROMPTS, 12, sampling, seed=3)
+
+
+def test_the_flax_device_loop_compiles_once_for_every_length(flax_model):
+    """The number of steps is traced (the per-call arrays have cache_len rows): other lengths reuse
+    the compiled loop, and 1 new token (the prefill alone) never calls it."""
+    sampling = Sampling(0.7, top_k=5)
+    jg.run(flax_model, PROMPTS, 4, sampling, loop="device")
+    before = jg.device_loop._cache_size()
+    for n in (1, 2, 7, 20):
+        gen = jg.run(flax_model, PROMPTS, n, sampling, seed=n, loop="device")
+        assert gen.tokens == jg.run(flax_model, PROMPTS, n, sampling, seed=n).tokens, n
+        assert [len(row) for row in gen.tokens] == [n, n]
+    assert jg.device_loop._cache_size() == before
+
+
+def test_the_device_loop_is_refused_where_it_cannot_run(flax_model):
+    with pytest.raises(ValueError, match=r'loop="device" .* takes no stop_tokens'):
+        jg.run(flax_model, PROMPTS, 4, loop="device", stop_tokens=[5])
+    with pytest.raises(ValueError, match=r'loop must be "host" or "device", got \'gpu\''):
+        jg.run(flax_model, PROMPTS, 4, loop="gpu")
+    with pytest.raises(ValueError, match=r'the torch twin runs loop="host" only'):
+        tg.run(_torch_twin(flax_model), PROMPTS, 4, loop="device")

@@ -175,3 +175,36 @@ def test_the_moe_sharded_rows_are_announced_as_the_harness_makes_them():
     assert [p.rows for p in planned if p not in expert and "jax" in p.label] == [2 * len(mh.SHARDED_MESHES)]
     assert [p.rows for p in expert if "jax" in p.label] == [mh.ROWS_PER_EXPERT_MESH * len(mh.JAX_EXPERT_MESHES)]
     assert mh.ROWS_PER_EXPERT_MESH == 4 and len(mh.TORCH_EXPERT_MESHES) == 2 and sum(p.rows for p in planned) == 20
+
+
+@pytest.mark.skipif(not (HAVE_JAX and HAVE_TORCH), reason="needs both frameworks")
+def test_training_generate_and_kv_cache_rows_run_on_every_device_pair(monkeypatch):
+    """On a machine with a CUDA device and a JAX GPU (stand-ins here: the plan only names devices),
+    the train_step, resume, generate and kv_cache rows are planned for every torch device x JAX
+    device, and each row's check is called with its own devices (the CPU's JAX device as None)."""
+    from scripts import parity_report as R
+    from twin_parity import generate_harness as gh
+    from twin_parity import train_harness as th
+
+    gpu = object()
+    calls = []
+
+    def recorder(name):
+        return lambda *args, **kwargs: calls.append((name, args, kwargs))
+
+    for module, name in ((th, "resume_check"), (gh, "generate_check"), (gh, "kv_cache_check")):
+        monkeypatch.setattr(module, name, recorder(name))
+    # the plan takes trajectory_check's first result
+    monkeypatch.setattr(th, "trajectory_check", lambda *a, **kw: [calls.append(("trajectory_check", a, kw))])
+    torch_devices, jax_devices = ["cpu", "cuda"], {"cpu": None, "gpu": gpu}
+    planned = list(R.training_plan(["float32"], torch_devices, jax_devices))
+    planned += [p for p in R.plan(["float32"], [4], torch_devices, jax_devices) if p.check == "kv_cache"]
+    for p in planned:
+        if p.check != "grad":
+            p.run()
+    pairs = {(t, j) for t in ("cpu", "cuda") for j in (None, gpu)}
+    for name in ("trajectory_check", "resume_check", "generate_check"):
+        seen = {(kw["torch_device"], kw["jax_device"]) for n, _, kw in calls if n == name}
+        assert seen == pairs, (name, seen)
+    kv = {(a[0], kw["device"]) for n, a, kw in calls if n == "kv_cache_check"}
+    assert kv == {("torch", None), ("torch", "cuda"), ("jax", None), ("jax", gpu)}, kv

@@ -4,6 +4,8 @@ process.
 
     python -m scripts.bench_generate                                  # small-4x128 and GPT-2 124M shape
     python -m scripts.bench_generate --models small-4x128 --batches 1 # a quick run
+    python -m scripts.bench_generate --models gpt2-graph --batches 1 --loop host device --no-hf --no-uncached
+                                                                      # the host's cost per decode step
     python -m scripts.bench_generate --models gpt2 --new-tokens 32    # fewer decode steps
     python -m scripts.bench_generate --models smollm2-135m --batches 1 # SmolLM2-135M's shape (Llama)
     python -m scripts.bench_generate --models llama-tiny --prompt-len 16 --new-tokens 32  # context 64
@@ -16,14 +18,16 @@ per token is measured at the final context length, prompt + new tokens), and tra
 generate with its own cache, GPT2LMHeadModel's or LlamaForCausalLM's as the model's family (when
 transformers is installed; --hf-static adds its fastest path, a static cache with the forward
 under torch.compile, "reduce-overhead" on CUDA: the fair anchor for the compiled twins).
---torch-compile adds the torch twin's step under torch.compile in each mode given. --device places
-torch and transformers there and JAX on that kind of device (auto: a GPU when present, for both).
-On a known GPU each row's ms/token sits beside the weight-read floor: the parameters' bytes over
-the memory bandwidth, what one token must at least cost at batch 1 (each step reads every weight
-once). The weights are the same in all three (random, converted through the project's table and
-the transformers mapping). Every path is warmed up first (the JAX step and torch.compile compile
-there), and the benchmark checks that the timed JAX call compiled nothing. Ratios come from the
-same run; on a shared machine the absolute figures move, the ratios much less.
+--torch-compile adds the torch twin's step under torch.compile in each mode given. --loop device
+adds the Flax twin with every decode step in one jitted fori_loop (jax_impl.generate.run(
+loop="device")). --device places torch and transformers there and JAX on that kind of device
+(auto: a GPU when present, for both). On a known GPU each row's ms/token sits beside the
+weight-read floor: the parameters' bytes over the memory bandwidth, what one token must at least
+cost at batch 1 (each step reads every weight once). The weights are the same in all three
+(random, converted through the project's table and the transformers mapping). Every path is
+warmed up first (the JAX step and torch.compile compile there), and the benchmark checks that the
+timed JAX call compiled nothing. Ratios come from the same run; on a shared machine the absolute
+figures move, the ratios much less.
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ from twin_common.presets import presets
 from twin_common.generation import Sampling
 from twin_common.precision import matched_precision
 
-# small-4x128: byte-level, context for prompt 128 + 128 new tokens; gpt2: GPT-2 124M's shape; llama-tiny:
-# the Llama block, byte-level, context 64; smollm2-135m: SmolLM2-135M's shape; random weights in all
-MODELS = presets("small-4x128", "gpt2", "llama-tiny", "smollm2-135m")
+# small-4x128: byte-level, context for prompt 128 + 128 new tokens; gpt2: GPT-2 124M's shape;
+# gpt2-graph: GPT-2's 12 blocks at width 8, so that a step costs what the host does per step;
+# llama-tiny: the Llama block, byte-level, context 64; smollm2-135m: SmolLM2-135M's shape; random
+# weights in all
+MODELS = presets("small-4x128", "gpt2", "gpt2-graph", "llama-tiny", "smollm2-135m")
 GREEDY = Sampling(temperature=0.0)
 # memory bandwidth in TB/s (vendor datasheets: H100 SXM 3.35, H200 4.8, A100 80GB SXM 2.039)
 BANDWIDTH_TBS = {"H200": 4.8, "H100": 3.35, "A100": 2.039}
@@ -75,17 +81,18 @@ def build(cfg: GPTConfig, with_hf: bool, device: str = "cpu"):
     return models
 
 
-def time_cached(framework: str, model, prompts, n_new: int, cache_len: int, compile: str | None = None) -> dict:
+def time_cached(framework: str, model, prompts, n_new: int, cache_len: int, compile: str | None = None,
+                loop: str = "host") -> dict:  # fmt: skip
     if framework == "torch":
         from torch_impl.generate import run
     else:
         from jax_impl.generate import run
     warm_start = time.perf_counter()
     for _ in range(3 if compile else 1):  # compiles prefill and decode (JAX, torch.compile; CUDA graphs
-        run(model, prompts, 2, GREEDY, cache_len=cache_len, compile=compile)  # record on a later call)
+        run(model, prompts, 2, GREEDY, cache_len=cache_len, compile=compile, loop=loop)  # record on a later call)
     warm = time.perf_counter() - warm_start
     compiled_before = _jax_compilations()
-    gen = run(model, prompts, n_new, GREEDY, cache_len=cache_len, compile=compile)
+    gen = run(model, prompts, n_new, GREEDY, cache_len=cache_len, compile=compile, loop=loop)
     compiled = _jax_compilations() - compiled_before
     B = len(prompts)
     return {"prefill_ms": gen.prefill_s * 1e3, "ms_per_step": gen.decode_s / gen.steps * 1e3,
@@ -94,9 +101,9 @@ def time_cached(framework: str, model, prompts, n_new: int, cache_len: int, comp
 
 
 def _jax_compilations() -> int:
-    from jax_impl.generate import loop_step as step
+    from jax_impl.generate import device_loop, loop_step
 
-    return step._cache_size() if hasattr(step, "_cache_size") else 0
+    return sum(f._cache_size() if hasattr(f, "_cache_size") else 0 for f in (loop_step, device_loop))
 
 
 def time_uncached(framework: str, model, prompts, length: int, repeats: int) -> dict:
@@ -193,6 +200,9 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-compile", nargs="+", default=[], metavar="MODE",
                         choices=["default", "reduce-overhead", "max-autotune"],
                         help="also time the torch twin's step under torch.compile in these modes")
+    parser.add_argument("--loop", nargs="+", choices=["host", "device"], default=["host"],
+                        help="the Flax twin's decode loop(s): one jitted call per step (host, the default) "
+                             "and/or every step in one jitted fori_loop (device)")
     parser.add_argument("--hf-static", action="store_true",
                         help="also time transformers' static cache + torch.compile path")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
@@ -263,7 +273,9 @@ def main(argv=None) -> int:
                 for fw in ("jax", "torch"):
                     if not args.no_uncached:
                         emit(f"{fw} uncached", time_uncached(fw, models[fw], prompts, length, args.uncached_repeats))
-                    emit(f"{fw} cached", time_cached(fw, models[fw], prompts, args.new_tokens, length))
+                    for loop in args.loop if fw == "jax" else ["host"]:
+                        path = f"{fw} cached" + (" loop=device" if loop == "device" else "")
+                        emit(path, time_cached(fw, models[fw], prompts, args.new_tokens, length, loop=loop))
                     for mode in args.torch_compile if fw == "torch" else ():
                         emit(f"torch cached compile={mode}",
                              time_cached(fw, models[fw], prompts, args.new_tokens, length, compile=mode))  # fmt: skip
@@ -281,6 +293,10 @@ def _row(name: str, B: int, path: str, r: dict, rows: dict, length: int, floor: 
             notes.append(f"warm-up {r['warmup_s']:.1f} s")
         if fw == "jax":
             notes.append(f"compiled in timed call: {r['compiled_in_timed_call']}")
+        if "loop=device" in path and "jax cached" in rows:
+            notes.append(f"{rows['jax cached']['ms_per_step'] / r['ms_per_step']:.2f}x the host loop's speed")
+            notes.append("tokens = the host loop's" if r["tokens"] == rows["jax cached"]["tokens"]
+                         else "tokens differ from the host loop's")  # fmt: skip
         if f"{fw} uncached" in rows and fw != "transformers":
             notes.append(f"{rows[f'{fw} uncached']['ms_per_step'] / r['ms_per_step']:.1f}x the naive step")
         if "transformers" in rows and path != "transformers":

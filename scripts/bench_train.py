@@ -7,6 +7,7 @@
     python -m scripts.bench_train --model gpt2-padded --bf16   # GPT-2 124M shape, 16 x 1024 tokens
     python -m scripts.bench_train --model smollm2-135m --bf16  # SmolLM2-135M's shape, 2 x 8192 tokens
     python -m scripts.bench_train --model gpt2-padded --bf16 --attention cudnn library   # each attention kernel
+    python -m scripts.bench_train --model gpt2-padded --bf16 --loss-chunk 0 2048   # the loss whole and chunked
     python -m scripts.bench_train --mesh data=2,model=2 --cpu-devices 8   # JAX sharded, + collectives
 
 Every mode is built and warmed up first (compilation excluded), then the modes take turns, one
@@ -22,6 +23,11 @@ an A100: NVIDIA's datasheets, without sparsity), whatever the dtype the step run
 --attention: the fused attention's kernel on a GPU in bf16 (the config's attn_kernel): "cudnn"
 (cuDNN first, the default) or "library" (torch SDPA's own choice, XLA's in JAX); several values
 give one mode per kernel. It changes nothing on CPU.
+--loss-chunk: the cross-entropy over that many positions at a time (the (B, T, V) float32 logits
+never exist at once; 0, the default: all at once); several values give one mode per value. The
+"memory" column: JAX, the compiled step's temporary buffers (XLA's memory_analysis; the
+parameters, optimizer state and batch come on top); torch on CUDA, the peak allocated during its
+timed steps, everything included; torch on CPU has no allocator statistics ("-").
 """
 
 from __future__ import annotations
@@ -64,11 +70,12 @@ class Mode:
     sync: Callable[[], None]  # wait for the device
     n_params: int
     profile: Callable[[int], object]  # steps -> scripts.profile_ops.Profile
+    memory: Callable[[], int | None] = lambda: None  # bytes (see --loss-chunk in the docstring)
     wall: list[float] = dataclasses.field(default_factory=list)
     cpu: list[float] = dataclasses.field(default_factory=list)
 
 
-def torch_mode(name, cfg, tcfg, batches, compile_: bool, bf16: bool, device: str) -> Mode:
+def torch_mode(name, cfg, tcfg, batches, compile_: bool, bf16: bool, device: str, loss_chunk: int = 0) -> Mode:
     import torch
 
     from .profile_ops import profile_torch
@@ -76,18 +83,24 @@ def torch_mode(name, cfg, tcfg, batches, compile_: bool, bf16: bool, device: str
     from torch_impl.train import Trainer
 
     torch.manual_seed(0)
-    trainer = Trainer(GPT(cfg).to(device), tcfg, compile=compile_, bf16=bf16)
+    trainer = Trainer(GPT(cfg).to(device), tcfg, compile=compile_, bf16=bf16, loss_chunk=loss_chunk)
     it = itertools.count()
+    cuda = device == "cuda"
+    peak = [None]
 
     def step():
+        if cuda:  # the allocator records at allocation time: no sync needed to read the peak
+            torch.cuda.reset_peak_memory_stats()
         trainer.step(*batches[next(it) % len(batches)])
+        if cuda:
+            peak[0] = max(peak[0] or 0, torch.cuda.max_memory_allocated())
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    return Mode(name, step, sync, n_params, lambda steps: profile_torch(step, sync, steps, name))
+    return Mode(name, step, sync, n_params, lambda steps: profile_torch(step, sync, steps, name), lambda: peak[0])
 
 
-def jax_mode(name, cfg, tcfg, batches, bf16: bool, device=None) -> Mode:
+def jax_mode(name, cfg, tcfg, batches, bf16: bool, device=None, loss_chunk: int = 0) -> Mode:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -96,13 +109,15 @@ def jax_mode(name, cfg, tcfg, batches, bf16: bool, device=None) -> Mode:
     from jax_impl.train import Trainer
 
     with jax.default_device(device):  # the Trainer keeps its state where the model was built
-        trainer = Trainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg, bf16=bf16)
+        trainer = Trainer(GPT(cfg, rngs=nnx.Rngs(0)), tcfg, bf16=bf16, loss_chunk=loss_chunk)
 
-    def hlo() -> str:
+    def compiled():
         x, y = (jnp.asarray(a, jnp.int32) for a in batches[0])
-        return trainer._train_step.lower(trainer.params, trainer.opt_state, trainer.rest, x, y).compile().as_text()
+        return trainer._train_step.lower(trainer.params, trainer.opt_state, trainer.rest, x, y).compile()
 
-    return trainer_mode(name, trainer, batches, hlo)
+    mode = trainer_mode(name, trainer, batches, lambda: compiled().as_text())
+    mode.memory = lambda: compiled().memory_analysis().temp_size_in_bytes
+    return mode
 
 
 def trainer_mode(name, trainer, batches, hlo) -> Mode:
@@ -221,6 +236,8 @@ def main(argv=None) -> int:
                    help="simulate N CPU devices for JAX (XLA_FLAGS, set before JAX starts)")
     p.add_argument("--attention", nargs="+", choices=["cudnn", "library"], default=["cudnn"],
                    help="the fused attention's kernel on a GPU in bf16, one mode per value (default: cudnn)")
+    p.add_argument("--loss-chunk", nargs="+", type=int, default=[0], metavar="N",
+                   help="the cross-entropy over N positions at a time, one mode per value (default: 0, all at once)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where both frameworks run (auto: CUDA and a JAX GPU when present)")
     p.add_argument("--threads", type=int,
@@ -231,7 +248,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cpu_devices:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.cpu_devices}"
+    if any(n < 0 for n in args.loss_chunk):
+        p.error(f"--loss-chunk must be >= 0 (0: no chunking), got {args.loss_chunk}")
     if args.mesh:
+        if args.loss_chunk != [0]:
+            p.error("--loss-chunk is for the one-device trainers, not --mesh")
         args.modes = ["jax-sharded"]
     if args.threads:  # before jax and torch start their thread pools
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
@@ -274,20 +295,22 @@ def main(argv=None) -> int:
     print(f"model {args.model} ({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
           f"vocab {cfg.vocab_size}), batch {batch} x {seq}, {'bf16' if args.bf16 else 'float32'}; "
           f"torch {torch_text}, jax {jax_text}; attention kernel {' / '.join(args.attention)}; "
+          f"loss chunk {' / '.join(str(n) if n else 'none' for n in args.loss_chunk)}; "
           f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, load average {load:.2f}",
           file=sys.stderr)  # fmt: skip
     modes, comm = [], None
-    for name, kernel in itertools.product(names, dict.fromkeys(args.attention)):
+    for name, kernel, chunk in itertools.product(names, dict.fromkeys(args.attention), dict.fromkeys(args.loss_chunk)):
         c = dataclasses.replace(cfg, attn_kernel=kernel)
-        label = name if len(args.attention) == 1 else f"{name} ({kernel})"
+        variant = [kernel] * (len(args.attention) > 1) + [f"loss chunk {chunk or 'none'}"] * (chunk > 0 or len(args.loss_chunk) > 1)
+        label = f"{name} ({', '.join(variant)})" if variant else name
         print(f"  {label}: building and warming up ...", file=sys.stderr, flush=True)
         if name.startswith("torch"):
-            modes.append(torch_mode(label, c, tcfg, batches, name == "torch-compile", args.bf16, device))
+            modes.append(torch_mode(label, c, tcfg, batches, name == "torch-compile", args.bf16, device, chunk))
         elif name == "jax-sharded":
             mode, comm = jax_sharded_mode(f"jax-jit, mesh {args.mesh}", c, tcfg, batches, args.mesh, args.bf16)
             modes.append(mode)
         else:
-            modes.append(jax_mode(label, c, tcfg, batches, args.bf16, jax_device))
+            modes.append(jax_mode(label, c, tcfg, batches, args.bf16, jax_device, chunk))
     print(f"  timing {args.steps} interleaved rounds ...", file=sys.stderr, flush=True)
     time_interleaved(modes, args.warmup, args.steps)
     base = next((m for m in modes if m.name.startswith("torch-eager")), None)
@@ -297,9 +320,12 @@ def main(argv=None) -> int:
         tokens = batch * seq / (ms / 1e3)
         tflops = tokens * flops_per_token(cfg, seq, m.n_params) / 1e12
         ratio = (f"{ms / (statistics.median(base.wall) * 1e3):.2f}x", f"{cpu_ms / (statistics.median(base.cpu) * 1e3):.2f}x") if base else ("-", "-")
+        memory = m.memory()
         rows.append((m.name, f"{ms:.2f}", ratio[0], f"{cpu_ms:.2f}", ratio[1], f"{tokens:,.0f}", f"{tflops:.3f}",
-                     f"{100 * tflops / peak:.1f}%" if peak else "-", f"{m.n_params / 1e6:.2f}M"))  # fmt: skip
-    headers = ("mode", "ms/step (median)", "vs eager", "CPU ms/step", "vs eager", "tokens/s", "TFLOP/s", "MFU", "params")
+                     f"{100 * tflops / peak:.1f}%" if peak else "-", f"{m.n_params / 1e6:.2f}M",
+                     f"{memory / 2**20:,.0f} MiB" if memory is not None else "-"))  # fmt: skip
+    headers = ("mode", "ms/step (median)", "vs eager", "CPU ms/step", "vs eager", "tokens/s", "TFLOP/s", "MFU", "params",
+               "memory")  # fmt: skip
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
     for line in (headers, ["-" * w for w in widths], *rows):
         print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))

@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "in either framework")
     p.add_argument("--compile", action="store_true", help="torch: torch.compile the model (JAX is always jitted)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights")
+    p.add_argument("--loss-chunk", type=int, default=0, metavar="N",
+                   help="the cross-entropy over N positions at a time, so the (batch, seq, vocab) float32 logits "
+                        "never exist at once; 0: all at once (default: %(default)s)")
     p.add_argument("--fast-matmul", action="store_true",
                    help="leave matmul precision at the frameworks' defaults (TF32 on GPU) instead of pinning")
     p.add_argument("--device", choices=["cpu", "cuda"], help="torch device (default: cuda if present)")
@@ -275,7 +278,7 @@ def flag_problems(args, explicit: set[str]) -> list[str]:
     """Every flag value that cannot work, found before anything is built or written."""
     problems = []
     for dest, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("warmup", 0), ("eval_every", 0),
-                      ("ckpt_every", 0), ("sample", 0), ("seed", 0)):  # fmt: skip
+                      ("ckpt_every", 0), ("sample", 0), ("seed", 0), ("loss_chunk", 0)):  # fmt: skip
         value = getattr(args, dest)
         if value is not None and value < low:
             problems.append(f"{_flag(dest)} must be >= {low}, got {value}")
@@ -307,6 +310,8 @@ def flag_problems(args, explicit: set[str]) -> list[str]:
         problems.append("--resume is for --framework torch or jax")
     if args.framework == "compare" and args.mesh:
         problems.append("--mesh is for --framework torch or jax")
+    if args.loss_chunk and args.mesh:
+        problems.append("--loss-chunk is for one device, not --mesh")
     return problems
 
 

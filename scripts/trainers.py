@@ -50,7 +50,7 @@ def make_trainer(framework: str, model_cfg: GPTConfig, tcfg: TrainConfig, args, 
             wc.import_(model, weights)
         if getattr(args, "device_mesh", None) is not None:
             return sharded_trainer("torch", model, tcfg, args.device_mesh, compile=args.compile, bf16=args.bf16)
-        return Trainer(model, tcfg, compile=args.compile, bf16=args.bf16)
+        return Trainer(model, tcfg, compile=args.compile, bf16=args.bf16, loss_chunk=args.loss_chunk)
     from flax import nnx
 
     from jax_impl.gpt import GPT
@@ -61,7 +61,7 @@ def make_trainer(framework: str, model_cfg: GPTConfig, tcfg: TrainConfig, args, 
         wc.import_(model, weights)
     if getattr(args, "device_mesh", None) is not None:
         return sharded_trainer("jax", model, tcfg, args.device_mesh, bf16=args.bf16)
-    return Trainer(model, tcfg, bf16=args.bf16)
+    return Trainer(model, tcfg, bf16=args.bf16, loss_chunk=args.loss_chunk)
 
 
 def configs(args, explicit=frozenset()) -> tuple[GPTConfig, TrainConfig]:

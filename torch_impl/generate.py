@@ -85,12 +85,17 @@ def compiled_step(mode: str | None = "default"):
 def run(
     model: GPT, prompts, max_new_tokens: int, sampling: Sampling = Sampling(), *, seed: int = 0,
     stop_tokens=(), cache_len: int | None = None, record_logits: bool = False, compile: str | None = None,
-    on_step=None,
+    on_step=None, loop: str = "host",
 ) -> Generation:  # fmt: skip
     """Generate up to ``max_new_tokens`` after each prompt (lists of token ids, any lengths): one
     prefill, then one token per step; a row stops after a stop token, the loop when all rows have.
     ``compile``: None (eager) or a torch.compile mode. ``on_step(i, tokens)`` is called after each
-    token. Everything is validated before anything runs (ValueError)."""
+    token. ``loop``: "host" only; the JAX twin's "device" (every decode step in one compiled loop)
+    has no torch counterpart here: torch launches each step from the host, and its way to a cheap
+    launch is a CUDA graph per step (compile="reduce-overhead"). Everything is validated before
+    anything runs (ValueError)."""
+    if loop != "host":
+        raise ValueError(f'the torch twin runs loop="host" only (its fast path is compile="reduce-overhead"), got {loop!r}')
     rows, cache_len, stops = check_request(prompts, max_new_tokens, model.cfg, cache_len=cache_len,
                                            stop_tokens=stop_tokens)  # fmt: skip
     B = len(rows)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from torch_impl.block import Block, KVCache, dtype_name, norm
 from twin_common import GPTConfig
-from twin_common.checks import check_token_input
+from twin_common.checks import check_loss_chunk, check_token_input
 
 
 def embedding(n: int, d: int, cfg: GPTConfig) -> nn.Embedding:
@@ -45,6 +46,13 @@ class GPT(nn.Module):
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)
 
     def forward(self, idx: torch.Tensor, return_intermediates: bool = False):
+        x, inter = self.features(idx, return_intermediates)
+        logits = self.head(x)  # (B, T, V)
+        inter["logits"] = logits
+        return (logits, inter) if return_intermediates else logits
+
+    def features(self, idx: torch.Tensor, return_intermediates: bool = False):
+        """(the final norm's output (B, T, C), intermediates): the model up to its LM head."""
         # Reading the ids' values on the host breaks a torch.compile graph (and costs two device syncs
         # per step on CUDA): compiled, the model leaves them to the Trainer, which checks the batch.
         compiling = torch.compiler.is_compiling()
@@ -63,9 +71,7 @@ class GPT(nn.Module):
             inter[f"blocks.{i}"] = x
         x = self.ln_f(x)
         inter["ln_f"] = x
-        logits = self.head(x)  # (B, T, V)
-        inter["logits"] = logits
-        return (logits, inter) if return_intermediates else logits
+        return x, inter
 
     def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Token embeddings plus, with learned positions, those of ``pos`` (T,) or (B, T)."""
@@ -125,15 +131,45 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def model_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor, data_mean=None) -> torch.Tensor:
-    """The training loss: loss_fn, plus with an MoE MLP the router's load-balancing loss and z-loss
+def chunked_loss_fn(head, x: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """loss_fn(head(x), targets) over ``chunk`` positions at a time: only one chunk's (chunk, V)
+    logits exist at once, never the (B, T, V) ones, and the backward recomputes each chunk's
+    (activation checkpointing) instead of keeping them. The same log-softmax in at least float32
+    per position; the mean is the sum of the chunks' sums over B * T (the last chunk may be
+    shorter)."""
+    C = x.shape[-1]
+    x, targets = x.reshape(-1, C), targets.reshape(-1)  # (N, C), (N,)
+    N = x.shape[0]
+
+    def chunk_sum(xc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        logits = head(xc)  # (chunk, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, tc, reduction="sum")
+
+    # a Python loop: torch.compile unrolls it into the one graph (the JAX twin needs lax.map)
+    sums = [checkpoint(chunk_sum, x[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+            for i in range(0, N, chunk)]  # fmt: skip
+    return torch.stack(sums).sum() / N
+
+
+def lm_loss(model: GPT, x: torch.Tensor, targets: torch.Tensor, loss_chunk: int = 0) -> torch.Tensor:
+    """The cross-entropy of the LM head on ``x``, the final norm's output (B, T, C): loss_fn on the
+    whole (B, T, V) logits, or with ``loss_chunk`` > 0 chunked_loss_fn over that many positions."""
+    if check_loss_chunk(loss_chunk):
+        return chunked_loss_fn(model.head, x, targets, loss_chunk)
+    return loss_fn(model.head(x), targets)
+
+
+def model_loss(
+    model: GPT, idx: torch.Tensor, targets: torch.Tensor, data_mean=None, loss_chunk: int = 0
+) -> torch.Tensor:
+    """The training loss: lm_loss, plus with an MoE MLP the router's load-balancing loss and z-loss
     (torch_impl/moe.py) times their config coefficients (``data_mean``: see router_losses)."""
     cfg = model.cfg
     if cfg.mlp != "moe":
-        return loss_fn(model(idx), targets)
+        return lm_loss(model, model.features(idx)[0], targets, loss_chunk)
     from torch_impl.moe import router_losses
 
-    logits, inter = model(idx, return_intermediates=True)
+    x, inter = model.features(idx, return_intermediates=True)
     balance, z_loss = router_losses([inter[f"blocks.{i}.router_logits"] for i in range(cfg.n_layers)], cfg, data_mean)
-    return loss_fn(logits, targets) + cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z_loss
-
+    return lm_loss(model, x, targets, loss_chunk) + cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z_loss

@@ -3,12 +3,13 @@ the shared warmup + cosine schedule. Twin of jax_impl/train.py."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from torch_impl.gpt import GPT, loss_fn, model_loss
-from twin_common.checks import check_token_input
+from torch_impl.gpt import GPT, lm_loss, model_loss
+from twin_common.checks import check_loss_chunk, check_token_input
 from twin_common.train_config import TrainConfig
 from twin_common.params import table_for
 
@@ -51,19 +52,20 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
 
 def forward_loss(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None = None,
-    data_mean=None, router_losses: bool = True,
+    data_mean=None, router_losses: bool = True, loss_chunk: int = 0,
 ) -> torch.Tensor:  # fmt: skip
     """The training loss of model(x) against y (model_loss: the mean cross-entropy, plus an MoE's
     router losses; ``router_losses=False``: the cross-entropy alone, as evaluation reports it), the
     forward under autocast when asked. The Trainer compiles this whole function (not the model
     alone): the float32 upcast of the logits, log-softmax and its backward then fuse into the
     compiled graph instead of running eagerly over (B, T, V) float32 copies after it.
-    ``data_mean``: a sharded trainer's mean over its data ranks (torch_impl/moe.py, router_losses)."""
+    ``data_mean``: a sharded trainer's mean over its data ranks (torch_impl/moe.py, router_losses).
+    ``loss_chunk``: positions per chunk of the cross-entropy (gpt.chunked_loss_fn); 0: all at once."""
     autocast = autocast_dtype is not None
     with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast):
-        if not router_losses:
-            return loss_fn(model(x), y)  # loss_fn computes in float32 under autocast too
-        return model_loss(model, x, y, data_mean)
+        if not router_losses:  # lm_loss computes in float32 under autocast too
+            return lm_loss(model, model.features(x)[0], y, loss_chunk)
+        return model_loss(model, x, y, data_mean, loss_chunk)
 
 
 def train_step(
@@ -98,17 +100,22 @@ class Trainer:
     """A GPT, its AdamW and the step counter: what the training script drives. Twin of
     jax_impl.train.Trainer (same methods, same arguments, NumPy in and out)."""
 
-    def __init__(self, model: GPT, tcfg: TrainConfig, *, compile: bool = False, bf16: bool = False):
+    def __init__(self, model: GPT, tcfg: TrainConfig, *, compile: bool = False, bf16: bool = False,
+                 loss_chunk: int = 0):  # fmt: skip
         """``bf16``: torch.autocast, torch's idiom (matmuls in bf16; LayerNorm, softmax and the loss in
         float32). The JAX twin casts every parameter instead, its idiom: the two mixed-precision
-        modes are not numerically twins, and parity is proven in float32."""
+        modes are not numerically twins, and parity is proven in float32. ``loss_chunk``: the
+        cross-entropy over that many positions at a time (gpt.chunked_loss_fn: the (B, T, V) float32
+        logits never exist at once); 0, the default, computes it over the whole logits."""
         self.model, self.tcfg = model.train(), tcfg
         self.optimizer = make_optimizer(model, tcfg)
         self.device = next(model.parameters()).device
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         # torch.compile traces on first call (fullgraph: a graph break is an error); the optimizer
         # keeps the original parameters. Compiled, the loss is inside the graph (forward_loss).
-        self.loss_of = torch.compile(forward_loss, fullgraph=True) if compile else forward_loss
+        loss_of = torch.compile(forward_loss, fullgraph=True) if compile else forward_loss
+        self.loss_chunk = check_loss_chunk(loss_chunk)
+        self.loss_of = functools.partial(loss_of, loss_chunk=loss_chunk) if loss_chunk else loss_of
         self.step_count = 0
 
     def _tensor(self, a) -> torch.Tensor:

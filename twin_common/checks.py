@@ -66,3 +66,12 @@ def check_token_input(shape: tuple[int, ...], dtype: str, cfg, value_range=None)
         low, high = value_range
         if low < 0 or high >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got values in [{low}, {high}]")
+
+
+def check_loss_chunk(chunk) -> int:
+    """The LM loss's chunk size (positions per chunk; 0: the whole (B, T, V) logits at once), or a
+    ValueError. Any positive size works: B * T need not be a multiple of it (the last chunk is
+    shorter), and one at or above B * T is a single chunk."""
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+        raise ValueError(f"loss_chunk must be an int >= 0 (0: no chunking), got {chunk!r}")
+    return chunk

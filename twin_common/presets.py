@@ -15,6 +15,10 @@ PRESETS: dict[str, GPTConfig] = {
     # tanh GELU as GPT-2 (transformers' GPT2LMHeadModel runs the same weights)
     "small-4x128": GPTConfig(vocab_size=256, block_size=256, n_layers=4, d_model=128, n_heads=4,
                              gelu_approximate="tanh"),  # fmt: skip
+    # GPT-2 124M's graph (12 blocks, tied head, tanh GELU) at width 8 and a byte vocabulary: the
+    # arithmetic is negligible, so a decode step's time is what the host spends per step
+    "gpt2-graph": GPTConfig(vocab_size=256, block_size=256, n_layers=12, d_model=8, n_heads=2,
+                            gelu_approximate="tanh"),  # fmt: skip
     # GPT-2 124M itself (its checkpoints load), and nanoGPT's training shape of it (vocabulary padded
     # to 50304, exact GELU: GPT-2's checkpoints do not load)
     "gpt2": GPTConfig.gpt2_124m(),

@@ -96,7 +96,9 @@ def converted_pair(cfg, dtype: str, direction: str, seed: int = 0):
 # ------------------------------------------------------------------------------------------- grads
 
 
-def _torch_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_gpt: bool):
+def _torch_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_gpt: bool, loss_chunk: int = 0):
+    """Every parameter's gradient (a block's: and the input's) by torch key; a GPT's also its loss
+    (key "loss"), with the cross-entropy over ``loss_chunk`` positions at a time when > 0."""
     from torch_impl.gpt import model_loss
     from weight_conversion.torch_side import numpy_to_tensor, tensor_to_numpy
 
@@ -104,7 +106,7 @@ def _torch_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is
     model.zero_grad(set_to_none=True)
     x = numpy_to_tensor(inputs)
     if is_gpt:
-        loss = model_loss(model, x, numpy_to_tensor(cotangent_or_targets))  # + an MoE's router losses
+        loss = model_loss(model, x, numpy_to_tensor(cotangent_or_targets), loss_chunk=loss_chunk)  # + router losses
     else:
         x.requires_grad_(True)
         loss = (model(x) * numpy_to_tensor(cotangent_or_targets)).sum()
@@ -112,10 +114,13 @@ def _torch_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is
     grads = {k: tensor_to_numpy(p.grad) for k, p in model.named_parameters()}
     if not is_gpt:
         grads["input"] = tensor_to_numpy(x.grad)
+    else:
+        grads["loss"] = tensor_to_numpy(loss.detach())
     return grads
 
 
-def _flax_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_gpt: bool):
+def _flax_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_gpt: bool, loss_chunk: int = 0):
+    """The twin of _torch_grads, in torch layout by torch key."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -129,10 +134,11 @@ def _flax_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_
 
     def loss_of(p, x):
         m = nnx.merge(graphdef, p, rest)
-        return model_loss(m, x, other) if is_gpt else (m(x) * other).sum()
+        return model_loss(m, x, other, loss_chunk) if is_gpt else (m(x) * other).sum()
 
     if is_gpt:
-        g_params, g_x = jax.jit(jax.grad(loss_of))(params, x), None
+        loss, g_params = jax.jit(jax.value_and_grad(loss_of))(params, x)
+        g_x = None
     else:
         g_params, g_x = jax.jit(jax.grad(loss_of, argnums=(0, 1)))(params, x)
     by_path = {spec.flax_path: spec for spec in table_for(model.cfg)}
@@ -142,12 +148,17 @@ def _flax_grads(model, inputs: np.ndarray, cotangent_or_targets: np.ndarray, is_
         grads[spec.torch_key] = spec.transform.to_torch(np.asarray(leaf))
     if g_x is not None:
         grads["input"] = np.asarray(g_x)
+    else:
+        grads["loss"] = np.asarray(loss)
     return grads
 
 
-def grad_check(model: str, dtype: str, direction: str, seed: int = 0, gpt_cfg: GPTConfig = SMALL_GPT) -> Result:
+def grad_check(
+    model: str, dtype: str, direction: str, seed: int = 0, gpt_cfg: GPTConfig = SMALL_GPT, loss_chunk: int = 0
+) -> Result:
     """Every parameter gradient (and, for the block, the input gradient) of both twins; a GPT's
-    loss includes an MoE's router losses (``model_loss``)."""
+    loss includes an MoE's router losses (``model_loss``), its cross-entropy over ``loss_chunk``
+    positions at a time when > 0."""
     import jax
 
     is_gpt = model == "gpt"
@@ -161,9 +172,9 @@ def grad_check(model: str, dtype: str, direction: str, seed: int = 0, gpt_cfg: G
             inputs = h.make_input(h.LESSON_SHAPE, dtype, seed)
             other = h.make_input(h.LESSON_SHAPE, dtype, seed + 1)  # a fixed cotangent
             j_inputs, j_other = inputs, other
-        g_t = _torch_grads(t, inputs, other, is_gpt)
+        g_t = _torch_grads(t, inputs, other, is_gpt, loss_chunk)
         with jax.default_device(h.jax_devices()["cpu"]):
-            g_j = _flax_grads(j, j_inputs, j_other, is_gpt)
+            g_j = _flax_grads(j, j_inputs, j_other, is_gpt, loss_chunk)
     ref, got = (g_t, g_j) if direction == "torch->jax" else (g_j, g_t)
     tol = tolerance_for(dtype)
     order = (["input"] if "input" in ref else []) + [s.torch_key for s in table_for(cfg)]
@@ -177,6 +188,35 @@ def grad_check(model: str, dtype: str, direction: str, seed: int = 0, gpt_cfg: G
     return Result(
         "grad", shape, dtype, "cpu", "cpu", direction, worst, worst_rel, tol.atol or 0.0,
         first is None, first, detail, config={"model": model, **dataclasses.asdict(cfg)},
+    )  # fmt: skip
+
+
+def loss_chunk_check(framework: str, dtype: str, chunk: int, seed: int = 0, gpt_cfg: GPTConfig = SMALL_GPT) -> Result:
+    """One twin's loss and every parameter gradient with the cross-entropy over ``chunk`` positions
+    at a time (gpt.chunked_loss_fn) against the same twin's loss over the whole logits: the same
+    weights and batch (4 x block_size positions), the dtype's tolerance. Chunking changes only the
+    order of the sums (the loss's over positions, the head's gradient over chunks)."""
+    import jax
+
+    B, T = 4, gpt_cfg.block_size
+    with matched_precision(x64=dtype == "float64"):
+        t, j = converted_pair(gpt_cfg, dtype, "torch->jax", seed)
+        inputs, targets = token_batch(gpt_cfg, B, T, seed, 0)
+        if framework == "torch":
+            whole, chunked = (_torch_grads(t, inputs, targets, True, c) for c in (0, chunk))
+        else:
+            with jax.default_device(h.jax_devices()["cpu"]):
+                ids, labels = inputs.astype(np.int32), targets.astype(np.int32)
+                whole, chunked = (_flax_grads(j, ids, labels, True, c) for c in (0, chunk))
+    tol = tolerance_for(dtype)
+    order = ["loss"] + [s.torch_key for s in table_for(gpt_cfg)]
+    worst = _worst(float(np.max(np.abs(whole[k].astype(np.float64) - chunked[k].astype(np.float64)))) for k in order)
+    peak = max(float(np.max(np.abs(whole[k]))) for k in order)
+    first, detail = worst_offender({k: whole[k] for k in order}, {k: chunked[k] for k in order}, tol.bound)
+    return Result(
+        "loss_chunk", [B, T], dtype, "cpu" if framework == "torch" else None, "cpu" if framework == "jax" else None,
+        f"{framework}: chunks of {chunk} vs whole", worst, worst / peak if peak else float(worst != 0),
+        tol.atol or 0.0, first is None, first, detail, config={"model": "gpt", **dataclasses.asdict(gpt_cfg)},
     )  # fmt: skip
 
 
