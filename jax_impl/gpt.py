@@ -52,8 +52,13 @@ class GPT(nnx.Module):
                 param_dtype=param_dtype, rngs=rngs,
             )  # fmt: skip
 
-    def __call__(self, idx: jax.Array, return_intermediates: bool = False):
+    def __call__(self, idx: jax.Array, return_intermediates: bool = False, head: bool = True):
+        """The logits (B, T, V); ``head=False``: the final norm's output (B, T, C) instead, for a loss
+        that applies the head itself (chunked). (torch's twin must go through its forward for a
+        sharded model's hooks; an NNX module has none, the twin keeps the same call.)"""
         x, inter = self.features(idx, return_intermediates)
+        if not head:
+            return (x, inter) if return_intermediates else x
         logits = self.head(x)  # (B, T, V)
         inter["logits"] = logits
         return (logits, inter) if return_intermediates else logits
@@ -181,9 +186,9 @@ def model_loss(model: GPT, idx: jax.Array, targets: jax.Array, loss_chunk: int =
     data-parallel processes; a jitted step over a sharded batch already sees the whole batch.)"""
     cfg = model.cfg
     if cfg.mlp != "moe":
-        return lm_loss(model, model.features(idx)[0], targets, loss_chunk)
+        return lm_loss(model, model(idx, head=False), targets, loss_chunk)
     from jax_impl.moe import router_losses
 
-    x, inter = model.features(idx, return_intermediates=True)
+    x, inter = model(idx, return_intermediates=True, head=False)
     balance, z_loss = router_losses([inter[f"blocks.{i}.router_logits"] for i in range(cfg.n_layers)], cfg)
     return lm_loss(model, x, targets, loss_chunk) + cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z_loss

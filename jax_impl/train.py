@@ -119,7 +119,7 @@ def make_eval_loss(graphdef, shardings=None, loss_chunk: int = 0):
     def eval_loss(params, rest, x, y):
         model = nnx.merge(graphdef, params, rest)
         model.eval()
-        return lm_loss(model, model.features(x)[0], y, loss_chunk)
+        return lm_loss(model, model(x, head=False), y, loss_chunk)
 
     return eval_loss
 

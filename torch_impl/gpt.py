@@ -45,8 +45,13 @@ class GPT(nn.Module):
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)
 
-    def forward(self, idx: torch.Tensor, return_intermediates: bool = False):
+    def forward(self, idx: torch.Tensor, return_intermediates: bool = False, head: bool = True):
+        """The logits (B, T, V); ``head=False``: the final norm's output (B, T, C) instead, for a loss
+        that applies the head itself (chunked). The losses call the model, never ``features`` alone:
+        a sharded model's hooks (FSDP2's replicate, the tensor-parallel styles) run on forward."""
         x, inter = self.features(idx, return_intermediates)
+        if not head:
+            return (x, inter) if return_intermediates else x
         logits = self.head(x)  # (B, T, V)
         inter["logits"] = logits
         return (logits, inter) if return_intermediates else logits
@@ -167,9 +172,9 @@ def model_loss(
     (torch_impl/moe.py) times their config coefficients (``data_mean``: see router_losses)."""
     cfg = model.cfg
     if cfg.mlp != "moe":
-        return lm_loss(model, model.features(idx)[0], targets, loss_chunk)
+        return lm_loss(model, model(idx, head=False), targets, loss_chunk)
     from torch_impl.moe import router_losses
 
-    x, inter = model.features(idx, return_intermediates=True)
+    x, inter = model(idx, return_intermediates=True, head=False)
     balance, z_loss = router_losses([inter[f"blocks.{i}.router_logits"] for i in range(cfg.n_layers)], cfg, data_mean)
     return lm_loss(model, x, targets, loss_chunk) + cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z_loss

@@ -64,7 +64,7 @@ def forward_loss(
     autocast = autocast_dtype is not None
     with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast):
         if not router_losses:  # lm_loss computes in float32 under autocast too
-            return lm_loss(model, model.features(x)[0], y, loss_chunk)
+            return lm_loss(model, model(x, head=False), y, loss_chunk)
         return model_loss(model, x, y, data_mean, loss_chunk)
 
 
